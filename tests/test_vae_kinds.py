@@ -4,6 +4,7 @@ Fixtures: tests/fixtures/vae_kinds/, made once by tests/fixtures/make_vae_fixtur
 """
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dalle_app.models.openai_dvae import OpenAIDiscreteVAE, config_from_state_dict, map_pixels, unmap_pixels
+from dalle_app.models.openai_dvae import (
+    OpenAIDiscreteVAE,
+    config_from_state_dict,
+    convert_pickles,
+    main,
+    map_pixels,
+    unmap_pixels,
+)
 from dalle_app.models.vqgan import (
     VQGanConfig,
     VQGanVAE,
@@ -153,7 +161,8 @@ def test_dalle_checkpoint_style_vqgan_keys_load():
 def test_dalle_checkpoint_style_dvae_keys_load():
     sd = load_file(FIXTURES / "openai_dvae_weights.safetensors")
     dalle_sd = {f"vae.{k}": v for k, v in sd.items()}
-    assert any(k.startswith("vae.enc.blocks.") for k in dalle_sd) and any(k.startswith("vae.dec.blocks.") for k in dalle_sd)
+    assert any(k.startswith("vae.enc.blocks.") for k in dalle_sd)
+    assert any(k.startswith("vae.dec.blocks.") for k in dalle_sd)
     cfg = config_from_state_dict(dalle_sd, prefix="vae.")
     assert cfg == {**MANIFEST["fixtures"]["openai_dvae"]["hparams"], "group_count": 4, "channels": 3}
     holder = Holder(OpenAIDiscreteVAE(**cfg))
@@ -225,3 +234,12 @@ def test_openai_dvae_shapes_at_small_sizes():
     assert ids.shape == (1, 64) and ids.dtype == torch.long
     out = vae.decode(ids)
     assert out.shape == (1, 3, 64, 64) and 0 <= out.min() and out.max() <= 1
+
+
+def test_pickle_converter_refuses_clearly_without_dall_e(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dall_e", None)  # makes `import dall_e` fail
+    with pytest.raises(SystemExit, match="dall_e"):
+        convert_pickles(str(tmp_path / "encoder.pkl"), str(tmp_path / "decoder.pkl"), str(tmp_path / "out.safetensors"))
+    with pytest.raises(SystemExit, match="usage"):
+        main(["convert", "encoder.pkl"])
+    assert not (tmp_path / "out.safetensors").exists()

@@ -204,7 +204,8 @@ def config_from_state_dict(state_dict: dict, prefix: str = "") -> dict:
     (e.g. prefix "vae." for a DALLE-pytorch checkpoint)."""
     def shape(key):
         if prefix + key not in state_dict:
-            raise ValueError(f"State dict has no {prefix + key!r}, so it does not hold an OpenAI dVAE under {prefix!r}.")
+            raise ValueError(f"State dict has no {prefix + key!r}, so it does not hold an OpenAI dVAE "
+                             f"under {prefix!r}.")
         return tuple(state_dict[prefix + key].shape)
 
     enc_keys = [k[len(prefix + "enc.blocks."):] for k in state_dict if k.startswith(prefix + "enc.blocks.group_")]
@@ -234,14 +235,16 @@ def convert_pickles(encoder_pkl: str, decoder_pkl: str, out_path: str) -> dict:
         state.update({prefix + k: v.detach().float().contiguous() for k, v in module.state_dict().items()})
     config = config_from_state_dict(state)
     OpenAIDiscreteVAE(**config).load_state_dict(state, strict=True)  # shape check before writing
-    save_file(state, out_path, metadata={"config": json.dumps({"vae_type": "openai_dvae", **config, "image_size": 256})})
+    metadata = {"config": json.dumps({"vae_type": "openai_dvae", **config, "image_size": 256})}
+    save_file(state, out_path, metadata=metadata)
     return config
 
 
 def main(argv: list[str]) -> None:
     """CLI: `python -m dalle_app.models.openai_dvae convert encoder.pkl decoder.pkl OUT.safetensors`."""
     if len(argv) != 4 or argv[0] != "convert":
-        raise SystemExit("usage: python -m dalle_app.models.openai_dvae convert encoder.pkl decoder.pkl OUT.safetensors")
+        raise SystemExit("usage: python -m dalle_app.models.openai_dvae convert encoder.pkl decoder.pkl "
+                         "OUT.safetensors")
     config = convert_pickles(*argv[1:])
     print(f"wrote {argv[3]} ({config})")
 

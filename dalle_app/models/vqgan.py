@@ -50,7 +50,8 @@ class VQGanConfig:
         if self.double_z:
             raise ValueError("ddconfig.double_z is true, which taming's VQModel cannot run; set double_z: false.")
         if self.gumbel and self.embed_dim != self.z_channels:
-            raise ValueError("GumbelVQ needs embed_dim == ddconfig.z_channels (its proj conv reads quant_conv's output).")
+            raise ValueError("GumbelVQ needs embed_dim == ddconfig.z_channels (its proj conv reads quant_conv's "
+                             "output); fix the config.")
 
 
 def parse_taming_yaml(text: str) -> dict:
@@ -71,11 +72,13 @@ def config_from_dict(cfg: dict) -> VQGanConfig:
     gumbel = cfg.get("gumbel")
     if "target" in cfg:
         if cfg["target"] not in TAMING_TARGETS:
-            raise ValueError(f"Unsupported taming model target {cfg['target']!r}; expected one of {sorted(TAMING_TARGETS)}.")
+            raise ValueError(f"Unsupported taming model target {cfg['target']!r}; "
+                             f"expected one of {sorted(TAMING_TARGETS)}.")
         gumbel = TAMING_TARGETS[cfg["target"]]
     params = cfg.get("params", cfg)
     if params.get("remap") is not None:
-        raise ValueError("This config remaps codebook indices (`remap`), which is not supported; use a config without it.")
+        raise ValueError("This config remaps codebook indices (`remap`), which is not supported; "
+                         "use a config without it.")
     flat = {**params.get("ddconfig", {}), **{k: v for k, v in params.items() if k != "ddconfig"}}
     if gumbel is not None:
         flat["gumbel"] = bool(gumbel)
@@ -103,7 +106,8 @@ def infer_vqgan_config(state_dict: dict, prefix: str = "", resolution: int = 256
     """
     def shape(key):
         if prefix + key not in state_dict:
-            raise ValueError(f"State dict has no {prefix + key!r}, so it does not hold a taming VQGAN under {prefix!r}.")
+            raise ValueError(f"State dict has no {prefix + key!r}, so it does not hold a taming VQGAN "
+                             f"under {prefix!r}.")
         return tuple(state_dict[prefix + key].shape)
 
     ch = shape("encoder.conv_in.weight")[0]
