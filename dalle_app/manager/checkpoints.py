@@ -99,7 +99,7 @@ def safe_torch_load(path: str | Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one sentence
-        if "weights_only" in str(exc) or "GLOBAL" in str(exc):
+        if re.search(r"GLOBAL|Can only (create|build)|allowlisted", str(exc)):
             raise _refusal(path, exc) from exc
         if is_zip:
             raise ModelLoadError(
