@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -52,6 +53,7 @@ class HubServer:
         self.requests: list[tuple[str, str, str | None]] = []
         self._interrupts: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._connections: set = set()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -97,14 +99,22 @@ class HubServer:
     def start(self) -> "HubServer":
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop listening and drop open keep-alive connections, like a server that went away."""
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+            with self._lock:
+                connections, self._connections = list(self._connections), set()
+            for sock in connections:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             self._thread.join(timeout=5)
             self._httpd = None
 
@@ -121,6 +131,16 @@ def _make_handler(hub: HubServer):
 
         def log_message(self, *args):  # keep test output quiet
             pass
+
+        def setup(self):
+            super().setup()
+            with hub._lock:
+                hub._connections.add(self.connection)
+
+        def finish(self):
+            with hub._lock:
+                hub._connections.discard(self.connection)
+            super().finish()
 
         # -------------------------------------------------------------------------- helpers
         def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False):
