@@ -99,8 +99,12 @@ def _looks_local(text: str) -> bool:
     )
 
 
-def parse_reference(text: str | os.PathLike, allowed_roots: list[Path] | None = None) -> ModelReference:
-    """Parse a model reference string into a ModelReference, checking local paths against the allowed roots."""
+def parse_reference(text: str | os.PathLike, allowed_roots: list[Path] | None = None,
+                    suffixes: tuple[str, ...] | None = CHECKPOINT_SUFFIXES) -> ModelReference:
+    """Parse a model reference string into a ModelReference, checking local paths against the allowed roots.
+
+    `suffixes` are the file endings a local file may have (None: any, e.g. for tokenizer files).
+    """
     if isinstance(text, ModelReference):
         return text
     if isinstance(text, os.PathLike):
@@ -113,7 +117,7 @@ def parse_reference(text: str | os.PathLike, allowed_roots: list[Path] | None = 
     if force_hub:
         text = text[len(_HUB_PREFIX):]
     elif Path(text).expanduser().exists() or _looks_local(text):
-        return _local_reference(Path(text), allowed_roots)
+        return _local_reference(Path(text), allowed_roots, suffixes)
 
     match = _HUB_RE.fullmatch(text)
     if match is None:
@@ -127,13 +131,12 @@ def parse_reference(text: str | os.PathLike, allowed_roots: list[Path] | None = 
     return ModelReference(kind="hub", repo_id=match["repo"], path_in_repo=path_in_repo, revision=match["revision"])
 
 
-def _local_reference(path: Path, allowed_roots: list[Path] | None) -> ModelReference:
+def _local_reference(path: Path, allowed_roots: list[Path] | None, suffixes) -> ModelReference:
     resolved = check_allowed(path, allowed_roots)
     if not resolved.exists():
         raise ModelLoadError(f"No file or folder exists at {resolved}; check the path.")
-    if resolved.is_file() and not resolved.name.lower().endswith(CHECKPOINT_SUFFIXES):
+    if resolved.is_file() and suffixes and not resolved.name.lower().endswith(suffixes):
         raise ModelLoadError(
-            f"{resolved.name} is not a model file; give a folder or a file ending in "
-            f"{', '.join(CHECKPOINT_SUFFIXES)}."
+            f"{resolved.name} is not a model file; give a folder or a file ending in {', '.join(suffixes)}."
         )
     return ModelReference(kind="local", path=resolved)

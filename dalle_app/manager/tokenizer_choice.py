@@ -24,7 +24,7 @@ VOCAB_ENV = {"clip": "DALLE_APP_CLIP_VOCAB", "chinese": "DALLE_APP_CHINESE_VOCAB
 
 
 def _fetch_reference(text: str, allowed_roots, hub_options: HubOptions) -> tuple[Path, list[FileRecord]]:
-    ref = parse_reference(text, allowed_roots)
+    ref = parse_reference(text, allowed_roots, suffixes=None)
     if not ref.is_hub:
         return ref.path, [FileRecord(path=ref.path, filename=ref.path.name)]
     if not ref.path_in_repo:
