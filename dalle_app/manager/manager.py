@@ -21,6 +21,7 @@ import torch
 from .errors import ModelLoadError
 from .hparams import check_vae_match
 from .hub import HubOptions
+from .references import parse_reference
 from .resolve import FileRecord, ResolvedModel, resolve
 from .tokenizer_choice import choose_tokenizer
 from .vae_registry import build_vae, vae_geometry, vae_params_from_weights
@@ -260,8 +261,9 @@ class ModelManager:
         self.loads = 0  # number of real (uncached) loads, for tests and the UI
 
     def _key(self, reference, tokenizer, vae, hparams, device, dtype) -> tuple:
+        canonical = str(parse_reference(reference, self.allowed_roots))  # './m' and 'm' are one model
         hp = tuple(sorted((k, repr(v)) for k, v in (hparams or {}).items()))
-        return (str(reference), tokenizer, vae, hp, str(device), str(dtype))
+        return (canonical, tokenizer, vae, hp, str(device), str(dtype))
 
     def load(self, reference: str, *, tokenizer: str | None = None, vae: str | None = None,
              hparams: dict | None = None, device: str | torch.device | None = None,
@@ -318,8 +320,9 @@ class ModelManager:
 
     def unload(self, reference: str) -> None:
         """Drop every cached model of `reference` (running generations keep their own reference to it)."""
+        canonical = str(parse_reference(reference, self.allowed_roots))
         with self._lock:
-            for key in [k for k in self._cache if k[0] == str(reference)]:
+            for key in [k for k in self._cache if k[0] == canonical]:
                 del self._cache[key]
 
     def clear(self) -> None:
