@@ -26,7 +26,7 @@ def _rand(gen, *shape):
 def discrete_vae_state_dict(p: dict = VAE_PARAMS, seed: int = 0) -> dict:
     """DiscreteVAE keys (section 1) for the given params."""
     g = torch.Generator().manual_seed(seed)
-    h, c, n, layers, res = p["hidden_dim"], p["channels"], p["num_tokens"], p["num_layers"], p["num_resnet_blocks"]
+    h, c, n, layers, res = p["hidden_dim"], p.get("channels", 3), p["num_tokens"], p["num_layers"], p["num_resnet_blocks"]
     sd = {"codebook.weight": _rand(g, n, p["codebook_dim"])}
     for j in range(layers):
         sd[f"encoder.{j}.0.weight"] = _rand(g, h, c if j == 0 else h, 4, 4)
