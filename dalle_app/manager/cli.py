@@ -38,7 +38,7 @@ def info_main(argv: list[str]) -> int:
 
     try:
         manager = ModelManager(device=args.device, dtype=args.dtype)
-        model = manager.load(Catalog().get(args.model), tokenizer=args.tokenizer, vae=args.vae,
+        model = manager.load(Catalog.default().get(args.model), tokenizer=args.tokenizer, vae=args.vae,
                              hparams=_json_arg(args.hparams))
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ a tokenizer file, a separate VAE (vae.pt, a VQGAN .ckpt and its .yaml) when the 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -47,19 +48,21 @@ class FileRecord:
 class LocalSource:
     """Files of a local folder, named by their path relative to it."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, depth: int = 3):
+        self.root, self.depth = root, depth
         self.records: list[FileRecord] = []
 
     def names(self) -> list[str]:
+        """Files up to `depth` levels down (hidden ones skipped), without walking deeper."""
         found = []
-        for path in sorted(self.root.rglob("*")):
+        for folder, dirs, files in os.walk(self.root):
+            rel = Path(folder).relative_to(self.root)
+            level = len(rel.parts)
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if level + 1 < self.depth else []
+            found.extend((rel / f).as_posix() for f in sorted(files) if not f.startswith("."))
             if len(found) >= _SCAN_LIMIT:
                 break
-            rel = path.relative_to(self.root)
-            if path.is_file() and len(rel.parts) <= 3 and not any(p.startswith(".") for p in rel.parts):
-                found.append(rel.as_posix())
-        return found
+        return sorted(found)
 
     def fetch(self, name: str) -> Path:
         path = self.root / name
@@ -185,7 +188,7 @@ def resolve(reference: str | ModelReference, *, hub_options: HubOptions | None =
         where = ref.repo_id
     else:
         is_file = ref.path.is_file()
-        source = LocalSource(ref.path.parent if is_file else ref.path)
+        source = LocalSource(ref.path.parent, depth=1) if is_file else LocalSource(ref.path)
         names = source.names()
         target = ref.path.name if is_file else ""
         where = str(ref.path)
@@ -194,7 +197,7 @@ def resolve(reference: str | ModelReference, *, hub_options: HubOptions | None =
     folder_names = _in_dir(names, base)
 
     if not is_file and _join(base, CONFIG_FILE) in names and _join(base, MODEL_FILE) in names:
-        resolved = _resolve_pretrained(source, base)
+        resolved = _resolve_pretrained(source, base, where)
     else:
         if is_file:
             ckpt_name = target
@@ -217,12 +220,14 @@ def resolve(reference: str | ModelReference, *, hub_options: HubOptions | None =
 
     if vae is not None:
         resolved.vae = _read_vae_reference(vae, allowed_roots, hub_options, resolved)
+    resolved.reference = str(ref)
     resolved.files = list(source.records) + resolved.files
     return resolved
 
 
-def _resolve_pretrained(source, base: str) -> ResolvedModel:
-    config, ckpt, clip_weights = read_pretrained(base or ".", fetch=lambda name: source.fetch(_join(base, name)))
+def _resolve_pretrained(source, base: str, where: str) -> ResolvedModel:
+    config, ckpt, clip_weights = read_pretrained(_join(where, base) if base else where,
+                                                 fetch=lambda name: source.fetch(_join(base, name)))
     resolved = ResolvedModel(reference="", checkpoint=ckpt, format="dalle_app",
                              clip_params=(config.get("clip") or {}).get("params"), clip_weights=clip_weights)
     tokenizer = config.get("tokenizer") or {}
