@@ -284,3 +284,10 @@ def test_reference_vae_pt():
     for key, value in vae.state_dict.items():  # same weights as vae.* inside the 0.14.3 checkpoint
         assert torch.equal(dalle.state_dict["vae." + key], value)
     assert load_file(str(REFERENCE / "checkpoints" / "vae.expected.safetensors"))
+
+
+def test_rotary_table_matches_the_models_table():
+    attention = pytest.importorskip("dalle_app.models.attention")
+    for text_seq_len, fmap, dim_head in ((8, 4, 64), (16, 8, 16), (3, 2, 32)):
+        ours = rotary_table(text_seq_len, fmap, dim_head)
+        assert torch.equal(ours, attention.rotary_table(text_seq_len + 1, fmap, dim_head))
