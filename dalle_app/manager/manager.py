@@ -83,16 +83,18 @@ def default_memory_budget(device: torch.device) -> int:
 
 
 def _unique_numel_and_bytes(*modules) -> tuple[int, int]:
+    """(parameters, bytes of parameters and buffers), counting tensors shared between modules once."""
     seen, numel, nbytes = set(), 0, 0
     for module in modules:
         if module is None:
             continue
-        for tensor in list(module.parameters()) + list(module.buffers()):
+        tensors = [(t, True) for t in module.parameters()] + [(t, False) for t in module.buffers()]
+        for tensor, is_param in tensors:
             key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
             if key in seen:
                 continue
             seen.add(key)
-            numel += tensor.numel() if tensor.is_floating_point() else 0
+            numel += tensor.numel() if is_param else 0
             nbytes += tensor.numel() * tensor.element_size()
     return numel, nbytes
 
