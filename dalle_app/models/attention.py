@@ -1,0 +1,171 @@
+"""Attention for the DALLE-pytorch family, with every attention pattern expressed as a dense boolean mask.
+
+DALLE-pytorch computes `axial_row`, `axial_col`, `conv_like` and DeepSpeed `sparse` attention with special kernels.
+Here each pattern is a static (seq, seq) "may attend" mask over the token layout [bos, text..., image...], which
+gives the same result as those kernels, needs no DeepSpeed, and makes every layer KV-cacheable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
+CONV_WINDOWS = ("above_left", "centered")
+SPARSE_BLOCK = 16
+
+
+def attention_mask(kind: str, text_len: int, fmap_size: int, seq_len: int, conv_like_window: str = "above_left") -> torch.Tensor:
+    """Boolean (seq_len, seq_len) mask, True where query i may attend to key j, for a causal DALLE layer.
+
+    Positions `< text_len` are bos and text; the rest are image tokens in raster order on a fmap_size grid.
+    Every image query sees all text keys; within the image the pattern depends on `kind`:
+    `full` everything before it, `axial_row` its own row, `axial_col` its own column, `conv_like` a 5x5 window
+    (rows r-4..r, cols c-4..c since DALLE-pytorch 1.5.0; a centred window cut to earlier tokens before that).
+    `sparse` is built from a checkpoint's block layout with `sparse_attention_mask` instead.
+    """
+    idx = torch.arange(seq_len)
+    causal = idx[None, :] <= idx[:, None]
+    if kind == "full":
+        return causal
+    if kind not in ATTENTION_TYPES:
+        raise ValueError(f"Unknown attention type {kind!r}; use one of {', '.join(ATTENTION_TYPES)}.")
+    img = (idx - text_len).clamp(min=0)
+    row, col = img // fmap_size, img % fmap_size
+    is_text = idx < text_len
+    dr = row[:, None] - row[None, :]  # query row minus key row
+    dc = col[:, None] - col[None, :]
+    if kind == "axial_row":
+        local = dr == 0
+    elif kind == "axial_col":
+        local = dc == 0
+    elif kind == "conv_like":
+        if conv_like_window == "above_left":
+            local = (dr >= 0) & (dr <= 4) & (dc >= 0) & (dc <= 4)
+        elif conv_like_window == "centered":
+            local = (dr.abs() <= 2) & (dc.abs() <= 2)
+        else:
+            raise ValueError(f"conv_like_window must be one of {CONV_WINDOWS}, not {conv_like_window!r}.")
+    else:
+        raise ValueError("sparse attention masks come from a block layout: use sparse_attention_mask().")
+    image_query = ~is_text[:, None]
+    allowed = is_text[None, :] | (image_query & ~is_text[None, :] & local)
+    # text queries only see text (which the causal mask already guarantees)
+    return causal & allowed
+
+
+def sparse_attention_mask(layout: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Per-head (heads, seq_len, seq_len) mask from a DeepSpeed block layout (heads, blocks, blocks), causal."""
+    pos = torch.arange(seq_len, device=layout.device)
+    block = pos // SPARSE_BLOCK
+    allowed = layout[:, block[:, None], block[None, :]].bool()
+    return allowed & (pos[None, :] <= pos[:, None])
+
+
+def sparse_layout_shape(heads: int, seq_len: int) -> tuple[int, int, int]:
+    """Shape of the `master_layout` buffer DeepSpeed stores for a sparse layer."""
+    blocks = math.ceil(seq_len / SPARSE_BLOCK)
+    return heads, blocks, blocks
+
+
+def rotary_table(text_len: int, fmap_size: int, dim_head: int) -> torch.Tensor:
+    """DALLE-pytorch's rotary angle table, shape (1, text_len + fmap_size**2, width).
+
+    Three parts per row, each angle repeated twice for an interleaved pair: a 1-D language position (text rows 0..,
+    image rows all at 8192), then the image row and column coordinates in [-1, 1] (text rows at -10).
+    """
+    rot_dim = dim_head // 3
+    n_freq = rot_dim // 2
+    lang_freqs = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2)[:n_freq].float() / rot_dim))
+    pixel_freqs = torch.linspace(1.0, 5.0, n_freq) * math.pi
+    image_len = fmap_size * fmap_size
+
+    lang_pos = torch.cat([torch.arange(text_len).float(), torch.full((image_len,), 8192.0)])
+    coords = torch.linspace(-1.0, 1.0, fmap_size)
+    text_coord = torch.full((text_len,), -10.0)
+    row_pos = torch.cat([text_coord, coords.repeat_interleave(fmap_size)])
+    col_pos = torch.cat([text_coord, coords.repeat(fmap_size)])
+
+    parts = [pos[:, None] * freqs[None, :] for pos, freqs in
+             ((lang_pos, lang_freqs), (row_pos, pixel_freqs), (col_pos, pixel_freqs))]
+    table = torch.cat([p.repeat_interleave(2, dim=-1) for p in parts], dim=-1)
+    return table[None]
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of x (..., n, dim_head) by angles (n, width); channels past width stay."""
+    width = angles.shape[-1]
+    rot, rest = x[..., :width], x[..., width:]
+    pairs = rot.unflatten(-1, (-1, 2))
+    rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    angles = angles.to(x.dtype)
+    rot = rot * angles.cos() + rotated_half * angles.sin()
+    return torch.cat((rot, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention (to_qkv without bias, to_out with bias) with rotary on q, k *and* v, as DALLE-pytorch.
+
+    `kind` records the layer's pattern (the mask itself is owned by the Transformer); a `sparse` layer also holds
+    DeepSpeed's persistent `master_layout` block table.
+    """
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, kind: str = "full",
+                 seq_len: int | None = None):
+        super().__init__()
+        self.heads, self.dim_head, self.kind = heads, dim_head, kind
+        inner = heads * dim_head
+        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+        self.dropout = nn.Dropout(dropout)
+        if kind == "sparse":
+            if seq_len is None:
+                raise ValueError("a sparse attention layer needs seq_len to size its block layout.")
+            self.register_buffer("master_layout", torch.ones(sparse_layout_shape(heads, seq_len), dtype=torch.long))
+
+    def forward(self, x, mask=None, rotary=None, kv_cache=None, start=0):
+        """Attend from x (b, n, dim) at positions start..start+n-1.
+
+        mask: bool, broadcastable to (b, heads, n, keys), True = may attend (None = attend to all keys).
+        rotary: angles for the n positions (n, width) or None.
+        kv_cache: (k, v) buffers (b, heads, max_len, dim_head) that receive this call's keys and values; the call then
+        attends to the cached keys 0..start+n-1 (or to the whole buffer, masked, when start is a tensor).
+        """
+        q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
+        if rotary is not None:
+            q, k, v = (apply_rotary(t, rotary) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = write_kv(kv_cache, k, v, start)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2)
+        return self.dropout(self.to_out(out))
+
+
+def write_kv(kv_cache, k, v, start):
+    """Store k, v at positions start.. of the cache and return the keys/values visible to these queries."""
+    k_buf, v_buf = kv_cache
+    if torch.is_tensor(start):  # graph-capturable single step: write in place, attend over the whole (masked) buffer
+        k_buf.index_copy_(2, start, k)
+        v_buf.index_copy_(2, start, v)
+        return k_buf, v_buf
+    end = start + k.shape[2]
+    k_buf[:, :, start:end] = k
+    v_buf[:, :, start:end] = v
+    return k_buf[:, :, :end], v_buf[:, :, :end]
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: Linear(dim, 2*mult*dim) -> x * gelu(gates) -> dropout -> Linear(mult*dim, dim)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim * mult * 2)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(dim * mult, dim)
+
+    def forward(self, x):
+        x, gates = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(self.dropout(x * F.gelu(gates)))
