@@ -199,6 +199,12 @@ def test_requested_tokenizer_file_wins_and_missing_clip_vocab_is_explained(tmp_p
                                                 found_kind="hf", found_file=tmp_path / "big.json",
                                                 allowed_roots=[tmp_path])
     assert tok.vocab_size == 50 and path == tmp_path / "tokenizer.json" and records[0].path == path
+    make_tokenizer_json(tmp_path / "oddly_named.json", 50)
+    with pytest.raises(ModelLoadError, match="write it as KIND=PATH"):
+        choose_tokenizer(50, requested=str(tmp_path / "oddly_named.json"), found_kind=None, found_file=None,
+                         allowed_roots=[tmp_path])
+    assert choose_tokenizer(50, requested="hf=" + str(tmp_path / "oddly_named.json"), found_kind=None,
+                            found_file=None, allowed_roots=[tmp_path])[0].vocab_size == 50
     monkeypatch.delenv("DALLE_APP_CLIP_VOCAB", raising=False)
     with pytest.raises(ModelLoadError, match="clip tokenizer .*DALLE_APP_CLIP_VOCAB"):
         choose_tokenizer(49408, requested=None, found_kind=None, found_file=None)

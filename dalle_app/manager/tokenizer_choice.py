@@ -54,7 +54,13 @@ def choose_tokenizer(num_text_tokens: int, *, requested: str | None, found_kind:
                 if rest and prefix.lower() in TOKENIZER_CLASSES:
                     forced, requested = prefix.lower(), rest
                 path, records = _fetch_reference(requested, allowed_roots, hub_options)
-                kind = forced or infer_tokenizer_kind(num_text_tokens, [PurePosixPath(path.name).as_posix()])
+                try:
+                    kind = forced or infer_tokenizer_kind(None, [PurePosixPath(path.name).as_posix()])
+                except TokenizerError:
+                    raise ModelLoadError(
+                        f"Cannot tell the tokenizer kind of {path.name} from its name; write it as KIND=PATH "
+                        f"with KIND one of {', '.join(TOKENIZER_CLASSES)}."
+                    ) from None
             if kind == found_kind and path is None:
                 path = found_file
         if kind is None:
