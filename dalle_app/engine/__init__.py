@@ -1,0 +1,7 @@
+"""Sampling engine: fast, reproducible generation on top of `dalle_app.models` (no UI, no file I/O)."""
+
+from .generate import ImageTokens, Progress, TextTokens, complete_text, generate_image_tokens
+from .sampling import SamplingOptions, filter_logits, guide, sample, uniform_noise
+
+__all__ = ["ImageTokens", "Progress", "SamplingOptions", "TextTokens", "complete_text", "filter_logits",
+           "generate_image_tokens", "guide", "sample", "uniform_noise"]
