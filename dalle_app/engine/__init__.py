@@ -1,7 +1,8 @@
 """Sampling engine: fast, reproducible generation on top of `dalle_app.models` (no UI, no file I/O)."""
 
 from .generate import ImageTokens, Progress, TextTokens, complete_text, generate_image_tokens
+from .memory import estimate_request_bytes, generate_in_chunks
 from .sampling import SamplingOptions, filter_logits, guide, sample, uniform_noise
 
-__all__ = ["ImageTokens", "Progress", "SamplingOptions", "TextTokens", "complete_text", "filter_logits",
+__all__ = ["ImageTokens", "Progress", "SamplingOptions", "TextTokens", "complete_text", "estimate_request_bytes", "filter_logits", "generate_in_chunks",
            "generate_image_tokens", "guide", "sample", "uniform_noise"]
