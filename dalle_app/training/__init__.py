@@ -1,0 +1,9 @@
+"""Training of the built-in shapes model: `python -m dalle_app.training --out weights/shapes-dalle`.
+
+    from dalle_app.training import Trainer, TrainConfig, quick_config
+"""
+
+from .config import TrainConfig, quick_config
+from .train import TOKENIZER_FILE, Trainer, psnr
+
+__all__ = ["TOKENIZER_FILE", "TrainConfig", "Trainer", "psnr", "quick_config"]

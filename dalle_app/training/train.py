@@ -1,0 +1,233 @@
+"""The training loop: phase 1 DiscreteVAE, then DALLE with a CLIP reranker trained on the same batches.
+
+Runs until the recipe's steps are done or the wall-clock budget is spent, saving one resumable checkpoint
+(models, optimizers, step, phase, history, RNG) that the next call continues from, then exports the project format.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..models import CLIP, DALLE, DiscreteVAE
+from ..tokenizers.yttm import YttmTokenizer
+from ..world import ShapesDataset
+from .config import TrainConfig
+from .curves import draw_loss_curves
+from .state import compact_optimizer, expand_optimizer, load_state, rng_state, save_state, set_rng_state
+
+TOKENIZER_FILE = Path(__file__).with_name("shapes_yttm.bpe")
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean PSNR in dB of image batches in [0, 1]."""
+    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp(min=1e-10)
+    return (10 * torch.log10(1 / mse)).mean()
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class Trainer:
+    """Holds models, optimizers and progress; `run(seconds)` trains and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, state_dir: str | Path, device: torch.device, shard_mib: float | None = None):
+        self.cfg, self.state_dir, self.device, self.shard_mib = cfg, Path(state_dir), device, shard_mib
+        self.tokenizer = YttmTokenizer(TOKENIZER_FILE, backend="python")
+        torch.manual_seed(cfg.seed)
+        self.vae = DiscreteVAE(**cfg.vae).to(device)
+        self.dalle = DALLE(vae=self.vae, num_text_tokens=self.tokenizer.vocab_size, text_seq_len=cfg.text_seq_len,
+                           **cfg.dalle).to(device)
+        self.clip = (CLIP(num_text_tokens=self.tokenizer.vocab_size, text_seq_len=cfg.text_seq_len,
+                          num_visual_tokens=cfg.vae["num_tokens"], **cfg.clip).to(device) if cfg.clip else None)
+        self.opt_vae = torch.optim.Adam(self.vae.parameters(), lr=cfg.vae_lr)
+        dalle_params = [p for n, p in self.dalle.named_parameters() if not n.startswith("vae.")]
+        self.opt_dalle = torch.optim.AdamW(dalle_params, lr=cfg.dalle_lr, betas=(0.9, 0.96),
+                                           weight_decay=cfg.weight_decay)
+        self.opt_clip = torch.optim.AdamW(self.clip.parameters(), lr=cfg.clip_lr, weight_decay=cfg.weight_decay) \
+            if self.clip else None
+        self.phase, self.step = "vae", 0
+        self.history: dict[str, list] = {}
+        self.seconds = 0.0  # training time summed over all runs
+        saved = load_state(self.state_dir)
+        if saved is not None:
+            self._restore(saved)
+
+    # -- checkpoint ----------------------------------------------------------------------------------------------
+    def _tree(self) -> dict:
+        tree = {"config": self.cfg.to_dict(), "phase": self.phase, "step": self.step, "seconds": self.seconds,
+                "history": {k: [list(p) for p in v] for k, v in self.history.items()},
+                "vae": self.vae.state_dict(), "dalle": {k: v for k, v in self.dalle.state_dict().items()
+                                                        if not k.startswith("vae.")},
+                "opt_dalle": compact_optimizer(self.opt_dalle.state_dict()), "rng": rng_state()}
+        if self.phase == "vae":
+            tree["opt_vae"] = compact_optimizer(self.opt_vae.state_dict())
+        if self.clip is not None:
+            tree["clip"] = self.clip.state_dict()
+            tree["opt_clip"] = compact_optimizer(self.opt_clip.state_dict())
+        return tree
+
+    def save(self) -> None:
+        save_state(self._tree(), self.state_dir, self.shard_mib)
+
+    def _restore(self, tree: dict) -> None:
+        self.phase, self.step, self.seconds = tree["phase"], tree["step"], tree["seconds"]
+        self.history = {k: [tuple(p) for p in v] for k, v in tree["history"].items()}
+        self.vae.load_state_dict(tree["vae"])
+        self.dalle.load_state_dict(tree["dalle"], strict=False)
+        self.opt_dalle.load_state_dict(expand_optimizer(tree["opt_dalle"]))
+        if "opt_vae" in tree:
+            self.opt_vae.load_state_dict(expand_optimizer(tree["opt_vae"]))
+        if self.clip is not None and "clip" in tree:
+            self.clip.load_state_dict(tree["clip"])
+            self.opt_clip.load_state_dict(expand_optimizer(tree["opt_clip"]))
+        set_rng_state(tree["rng"])
+        print(f"resumed from {self.state_dir}: phase {self.phase}, step {self.step}, {self.seconds / 60:.1f} min so far")
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    def _loader(self, batch: int):
+        cfg = self.cfg
+        # a new data seed per resume point, so a resumed run does not replay the same images
+        ds = ShapesDataset(seed=cfg.seed * 100003 + self.step + (0 if self.phase == "vae" else 50_000_000),
+                           image_size=cfg.image_size)
+        dl = DataLoader(ds, batch_size=batch, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None)
+        for images, captions in dl:
+            text = self.tokenizer.tokenize(list(captions), self.cfg.text_seq_len, truncate_text=True)
+            yield images.to(self.device, non_blocking=True), text.to(self.device)
+
+    def _log(self, name: str, value: float) -> None:
+        self.history.setdefault(name, []).append((self.step, float(value)))
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    # -- phases --------------------------------------------------------------------------------------------------
+    def _vae_step(self, images) -> dict:
+        cfg = self.cfg
+        frac = self.step / cfg.vae_steps
+        temp = cfg.vae_temp_start * (cfg.vae_temp_end / cfg.vae_temp_start) ** min(1.0, frac / cfg.vae_hard_from)
+        self.vae.straight_through = frac >= cfg.vae_hard_from
+        self.vae.kl_div_loss_weight = cfg.vae_kl_weight
+        for g in self.opt_vae.param_groups:
+            g["lr"] = lr_at(self.step, cfg.vae_steps, cfg.vae_lr, 100)
+        self.vae.train()
+        with self._autocast():
+            loss = self.vae(images, return_loss=True, temp=temp)
+        self.opt_vae.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_vae.step()
+        out = {"vae": loss.item(), "temp": temp}
+        if self.step % self.cfg.log_every == 0:
+            out["psnr"] = self._vae_psnr(images).item()
+        return out
+
+    @torch.no_grad()
+    def _vae_psnr(self, images) -> torch.Tensor:
+        self.vae.eval()
+        recon = self.vae.to_unit_range(self.vae.decode(self.vae.get_codebook_indices(images)).float())
+        return psnr(recon, images)
+
+    def _dalle_step(self, images, text) -> dict:
+        cfg = self.cfg
+        for g in self.opt_dalle.param_groups:
+            g["lr"] = lr_at(self.step, cfg.dalle_steps, cfg.dalle_lr, cfg.warmup)
+        self.vae.eval()
+        with torch.no_grad():
+            ids = self.vae.get_codebook_indices(images)
+        self.dalle.train()
+        with self._autocast():
+            loss = self.dalle(text, ids, return_loss=True, null_cond_prob=cfg.null_cond_prob)
+        self.opt_dalle.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.opt_dalle.param_groups[0]["params"], 1.0)
+        self.opt_dalle.step()
+        out = {"dalle": loss.item()}
+        if self.clip is not None and self.step < cfg.clip_steps:
+            for g in self.opt_clip.param_groups:
+                g["lr"] = lr_at(self.step, cfg.clip_steps, cfg.clip_lr, cfg.warmup)
+            with torch.no_grad():  # CLIP sees what it will rerank: decoder output, in the decoder's space
+                decoded = self.vae.decode(ids).float().clamp(-1, 1)
+            self.clip.train()
+            with self._autocast():
+                closs = self.clip(text, decoded, text_mask=text != 0, return_loss=True)
+            self.opt_clip.zero_grad(set_to_none=True)
+            closs.backward()
+            self.opt_clip.step()
+            out["clip"] = closs.item()
+        return out
+
+    # -- driver --------------------------------------------------------------------------------------------------
+    def run(self, seconds: float, save_every: float = 120.0) -> bool:
+        """Train for at most `seconds` (wall clock); returns True when every phase is done."""
+        start = last_save = time.time()
+        while self.phase != "done" and seconds > 0:
+            total = self.cfg.vae_steps if self.phase == "vae" else self.cfg.dalle_steps
+            batch = self.cfg.vae_batch if self.phase == "vae" else self.cfg.dalle_batch
+            self.vae.requires_grad_(self.phase == "vae")
+            bar = tqdm(total=total, initial=self.step, desc=self.phase, mininterval=5, dynamic_ncols=True)
+            t0 = time.time()
+            out_of_time = False
+            for images, text in self._loader(batch):
+                if self.step >= total:
+                    break
+                logs = self._vae_step(images) if self.phase == "vae" else self._dalle_step(images, text)
+                if self.step % self.cfg.log_every == 0:
+                    for k, v in logs.items():
+                        if k != "temp":
+                            self._log(k, v)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+                self.step += 1
+                bar.update(1)
+                now = time.time()
+                if now - start > seconds:
+                    out_of_time = True
+                    break
+                if now - last_save > save_every:
+                    self.seconds += now - t0
+                    t0 = last_save = now
+                    self.save()
+            bar.close()
+            self.seconds += time.time() - t0
+            if out_of_time:
+                self.save()
+                return False
+            self.phase, self.step = ("dalle", 0) if self.phase == "vae" else ("done", 0)
+            self.save()
+        return self.phase == "done"
+
+    def plot(self, path) -> None:
+        """Loss curves PNG (VAE loss and PSNR, DALLE loss, CLIP loss)."""
+        draw_loss_curves(self.history, path)
+
+    @torch.no_grad()
+    def vae_psnr(self, n: int = 256) -> float:
+        """VAE PSNR (dB, [0, 1] space) on n fresh renders from a stream not used for training."""
+        ds = iter(ShapesDataset(seed=987654, image_size=self.cfg.image_size))
+        images = torch.stack([next(ds)[0] for _ in range(n)]).to(self.device)
+        return self._vae_psnr(images).item()
+
+    def export(self, folder, card: str | None = None) -> Path:
+        """Write the project format (float32 weights) with the tokenizer."""
+        from ..manager.pretrained import save_pretrained
+
+        hp = dict(self.dalle.hparams)
+        config = {"dalle": hp, "vae": {"kind": "DiscreteVAE", "params": self.vae.config()},
+                  "conv_like_window": hp.get("conv_like_window", "above_left"),
+                  "clip": {"params": self.clip.config} if self.clip is not None else None,
+                  "tokenizer": {"kind": "yttm"},
+                  "source": {"trained_by": "python -m dalle_app.training", "train_seconds": round(self.seconds)}}
+        self.dalle.float()
+        return save_pretrained(folder, dalle=self.dalle, clip=self.clip, tokenizer_file=TOKENIZER_FILE, card=card,
+                               config=config)
