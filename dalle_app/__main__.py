@@ -9,6 +9,9 @@ import sys
 COMMANDS = {
     "info": ("dalle_app.manager.cli:info_main", "print a model's hparams, VAE, tokenizer, size and files as JSON"),
     "convert": ("dalle_app.manager.cli:convert_main", "convert a DALLE-pytorch checkpoint to dalle_app's format"),
+    "generate": ("dalle_app.cli:generate_main", "text to image: PNGs with their parameters in a text chunk"),
+    "reconstruct": ("dalle_app.cli:reconstruct_main", "VAE round trip of an image: input, reconstruction, token grid"),
+    "complete": ("dalle_app.cli:complete_main", "continue a text prompt with the model's text head"),
 }
 
 
