@@ -1,0 +1,127 @@
+"""Unit tests of dalle_app.service on a tiny random model (seconds on CPU)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("youtokentome")
+
+from dalle_app.manager import ModelManager
+from dalle_app.service import RequestError, Service, read_parameters, validate_sampling
+
+from app_factory import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    folder = make_tiny_model(root / "model")
+    manager = ModelManager(device="cpu", dtype="fp32", allowed_roots=[Path(root)])
+    return Service(str(folder), manager=manager, output_dir=root / "out")
+
+
+def _last(updates):
+    return list(updates)[-1]
+
+
+def test_text_to_image_writes_pngs_with_parameters_and_consecutive_seeds(service):
+    updates = list(service.text_to_image("a red circle", num_images=3, temperature=0.8, top_k=10, seed=7))
+    previews, last = updates[:-1], updates[-1]
+    assert last.done and last.info["seeds"] == [7, 8, 9] and len(last.files) == 3
+    assert previews and all(not u.done and len(u.images) == 3 for u in previews)
+    assert "tokens/s" in previews[0].progress_text
+    params = read_parameters(last.files[1])
+    assert params["prompt"] == "a red circle" and params["seed"] == 8
+    assert params["settings"]["temperature"] == 0.8 and params["settings"]["top_k"] == 10
+    assert Image.open(last.files[0]).size == (service.model.image_size,) * 2
+
+
+def test_same_seed_same_image_and_random_seed(service):
+    a = _last(service.text_to_image("a blue square", 2, seed=3))
+    b = _last(service.text_to_image("a blue square", 1, seed=4))
+    assert list(Image.open(a.files[1]).getdata()) == list(Image.open(b.files[0]).getdata())
+    r = _last(service.text_to_image("a blue square", 2, seed=-1))
+    assert r.info["seeds"][1] == r.info["seeds"][0] + 1 and r.info["seeds"][0] >= 0
+
+
+def test_preview_blanks_rows_not_yet_sampled(service):
+    side, size = service.model.image_fmap_size, service.model.image_size
+    pictures = service._preview(torch.zeros(1, side * 2, dtype=torch.long))
+    pixels = torch.tensor(list(pictures[0].getdata())).reshape(size, size, 3)
+    assert (pixels[size * 2 // side:] == round(0.9 * 255)).all()
+
+
+def test_stop_returns_partial_images(service):
+    last = _last(service.text_to_image("a red circle", 2, seed=0, should_stop=lambda: True))
+    assert last.info["completed"] is False and len(last.files) == 2
+    assert any("Stopped" in n for n in last.info["notes"])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(prompt=""), "prompt is empty"), (dict(num_images=0), "Number of images"),
+    (dict(temperature=0), "Temperature"), (dict(top_k=-1), "Top-k"), (dict(seed=1.5), "whole number"),
+    (dict(cond_scale="x"), "Guidance scale"), (dict(num_images=99), "between"),
+])
+def test_bad_requests_are_one_sentence(service, kwargs, words):
+    args = dict(prompt="a red circle", num_images=1, temperature=1.0, top_k=5, cond_scale=1.0, seed=0) | kwargs
+    with pytest.raises(RequestError, match=words) as info:
+        list(service.text_to_image(**args))
+    assert str(info.value).count(". ") == 0 and "\n" not in str(info.value)
+
+
+def test_long_prompt_is_truncated_with_a_note(service):
+    last = _last(service.text_to_image("a red circle on a blue background " * 10, 1, seed=0))
+    assert any("cut to the model's" in n for n in last.info["notes"])
+
+
+def test_rerank_keeps_best_by_clip(service):
+    last = _last(service.text_to_image("a red circle", 4, seed=0, rerank_keep=2))
+    scores = last.info["clip_scores"]
+    assert len(last.files) == 2 and scores == sorted(scores, reverse=True)
+    with pytest.raises(RequestError, match="Keep-best"):
+        list(service.text_to_image("a red circle", 2, seed=0, rerank_keep=3))
+
+
+def test_prime_keeps_top_rows_and_box(service, tmp_path):
+    source = _last(service.text_to_image("a red circle", 1, seed=0)).files[0]
+    updates = list(service.prime_image(source, "a red circle", keep_rows=3, num_images=2, seed=0, box=(0.5, 0.5, 1, 1)))
+    assert updates[0].progress_text == "kept part" and updates[-1].info["seeds"] == [0, 1]
+    side = service.model.image_fmap_size
+    mask = service.keep_mask(3, (0.5, 0.5, 1, 1)).reshape(side, side)
+    assert mask[:3].all() and mask[side // 2:, side // 2:].all() and not mask[side - 1, 0]
+    with pytest.raises(RequestError, match="Rows to keep"):
+        list(service.prime_image(source, "x", keep_rows=side + 1))
+    with pytest.raises(RequestError, match="No image"):
+        list(service.prime_image(None, "x"))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(RequestError, match="could not be read"):
+        list(service.prime_image(str(bad), "x"))
+
+
+def test_reconstruct_reports_psnr_and_usage(service):
+    image = Image.new("RGB", (50, 40), (200, 30, 30))
+    last = _last(service.reconstruct(image))
+    assert len(last.images) == 3 and all(i.size == (service.model.image_size,) * 2 for i in last.images)
+    assert 0 < last.info["codebook_used"] <= last.info["codebook_size"] and last.info["psnr_db"] > 0
+    assert read_parameters(last.files[2])["settings"]["part"][2] == "token_grid"
+
+
+def test_complete_text_keeps_prefix_and_seeds(service):
+    last = _last(service.complete_text("a red", 3, seed=5))
+    assert last.info["seeds"] == [5, 6, 7] and all(t.startswith("a red") for t in last.texts)
+    assert _last(service.complete_text("a red", 1, seed=6)).texts[0] == last.texts[1]
+
+
+def test_read_parameters_refuses_plain_png(tmp_path):
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (4, 4)).save(path)
+    with pytest.raises(RequestError, match="no generation parameters"):
+        read_parameters(path)
+
+
+def test_validate_sampling_top_k_zero_means_all():
+    count, options, seed = validate_sampling(2, 1.0, 0, 3.0, 5)
+    assert count == 2 and options.top_k is None and options.cond_scale == 3.0 and seed == 5
