@@ -23,11 +23,14 @@ def main() -> None:
                         help="requests run on the model at once (workers)")
     args = parser.parse_args()
 
-    from dalle_app.manager import Catalog
+    from dalle_app.manager import Catalog, ModelLoadError
     from dalle_app.service import Service
     from dalle_app.ui import build_demo
 
-    service = Service(Catalog().get(args.model) if args.model else None, device=args.device, dtype=args.dtype)
+    try:
+        service = Service(Catalog().get(args.model) if args.model else None, device=args.device, dtype=args.dtype)
+    except (ModelLoadError, ValueError, OSError) as exc:  # one sentence, no traceback
+        raise SystemExit(f"error: {exc}") from None
     demo = build_demo(service, concurrency=args.concurrency)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(service.output_dir)],
