@@ -33,11 +33,12 @@ def _sampling(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(main_fn, argv):
+    from .manager import ModelLoadError
     from .service import RequestError
 
     try:
         return main_fn(argv)
-    except (RequestError, ValueError, FileNotFoundError) as exc:
+    except (RequestError, ModelLoadError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

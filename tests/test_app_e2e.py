@@ -132,3 +132,17 @@ def test_browser_text_to_image_tab(server):
                 page.wait_for_timeout(400)
                 page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"), full_page=True)
         browser.close()
+
+
+def test_cli_generate_writes_the_same_pngs(server, tmp_path):
+    _, root = server
+    env = dict(os.environ, DALLE_APP_MODEL_DIRS=str(root))
+    out = subprocess.run([sys.executable, "-m", "dalle_app", "generate", "--model", str(root / "model"), "--prompt",
+                          "a red circle", "-n", "2", "--seed", "0", "--out", str(tmp_path), "--device", "cpu"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    files = out.stdout.split()
+    assert len(files) == 2 and [read_parameters(f)["seed"] for f in files] == [0, 1]
+    bad = subprocess.run([sys.executable, "-m", "dalle_app", "generate", "--model", str(root / "missing"),
+                          "--prompt", "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and bad.stderr.startswith("error:")

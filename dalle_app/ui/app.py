@@ -13,7 +13,9 @@ GPU = "gpu"  # one concurrency group for everything that runs the model
 
 def _error(exc: Exception) -> gr.Error:
     """A one-sentence gr.Error (never a traceback)."""
-    if isinstance(exc, (RequestError, ValueError, FileNotFoundError)):
+    from ..manager import ModelLoadError
+
+    if isinstance(exc, (RequestError, ModelLoadError, ValueError, FileNotFoundError)):
         return gr.Error(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     return gr.Error(f"The request failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).")
 
