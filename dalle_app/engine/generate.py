@@ -165,8 +165,9 @@ def generate_image_tokens(dalle, text: torch.Tensor, options: SamplingOptions | 
         use_cuda_graph = device.type == "cuda"
     stepper = _Stepper(dalle, cache, seed_t, options, guided, use_graph=use_cuda_graph and prefix < total - 1)
     completed = True
+    given_list = given.tolist()  # host copy: no device sync inside the loop
     for j in range(prefix, total):
-        if not given[j]:
+        if not given_list[j]:
             out[:, j] = next_ids
         if progress is not None and ((j + 1 - prefix) % progress_every == 0 or j == total - 1):
             progress(Progress(j + 1, total, time.perf_counter() - start_time, out[:, :j + 1]))

@@ -95,15 +95,14 @@ def rotary_table(text_len: int, fmap_size: int, dim_head: int) -> torch.Tensor:
     return table[None]
 
 
-def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of x (..., n, dim_head) by angles (n, width); channels past width stay."""
-    width = angles.shape[-1]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (..., n, dim_head) by the angles whose cos / sin
+    (n, width) are given; channels past `width` are left alone."""
+    width = cos.shape[-1]
     rot, rest = x[..., :width], x[..., width:]
     pairs = rot.unflatten(-1, (-1, 2))
     rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    angles = angles.to(x.dtype)
-    rot = rot * angles.cos() + rotated_half * angles.sin()
-    return torch.cat((rot, rest), dim=-1)
+    return torch.cat((rot * cos + rotated_half * sin, rest), dim=-1)
 
 
 class Attention(nn.Module):
@@ -130,13 +129,14 @@ class Attention(nn.Module):
         """Attend from x (b, n, dim) at positions start..start+n-1.
 
         mask: bool, broadcastable to (b, heads, n, keys), True = may attend (None = attend to all keys).
-        rotary: angles for the n positions (n, width) or None.
+        rotary: (cos, sin) of the rotary angles for the n positions, each (n, width), or None.
         kv_cache: (k, v) buffers (b, heads, max_len, dim_head) that receive this call's keys and values; the call then
         attends to the cached keys 0..start+n-1 (or to the whole buffer, masked, when start is a tensor).
         """
-        q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
-        if rotary is not None:
-            q, k, v = (apply_rotary(t, rotary) for t in (q, k, v))
+        qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
+        if rotary is not None:  # DALLE-pytorch rotates q, k and v alike
+            qkv = apply_rotary(qkv, *rotary)
+        q, k, v = qkv.unbind(0)
         if kv_cache is not None:
             k, v = write_kv(kv_cache, k, v, start)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -44,32 +44,31 @@ class InferenceCache:
         return InferenceCache(self.k.index_select(1, rows), self.v.index_select(1, rows), shifted)
 
 
-def shift_tokens(history: torch.Tensor, positions: torch.Tensor, text_len: int, fmap_size: int) -> torch.Tensor:
-    """Token shift of DALLE-pytorch for the tokens at `positions`, reading neighbours from `history` (b, L, d).
+def shift_weights(positions: torch.Tensor, text_len: int, fmap_size: int, dim: int, dtype) -> tuple:
+    """Per-position channel selectors (keep, from_previous, from_above), each (n, dim), for DALLE-pytorch's token
+    shift: text tokens take the first half of their channels from the previous token; image tokens take their first
+    quarter from the token one row above and their second quarter from the token to their left (zeros at the image
+    edges); the first image token takes nothing from the text."""
+    ch = torch.arange(dim, device=positions.device)[None, :]
+    half, quarter = (dim + 1) // 2, (dim + 3) // 4  # torch.chunk(2) / chunk(4) sizes
+    pos = positions[:, None]
+    img = pos - text_len
+    is_text = img < 0
+    text_prev = (ch < half) & (pos > 0)
+    image_prev = (ch >= quarter) & (ch < 2 * quarter) & (img % fmap_size != 0)
+    from_prev = torch.where(is_text, text_prev, image_prev)
+    from_above = ~is_text & (ch < quarter) & (img >= fmap_size)
+    keep = torch.where(is_text, ch >= half, ch >= 2 * quarter)
+    return keep.to(dtype), from_prev.to(dtype), from_above.to(dtype)
 
-    Text tokens take the first half of their channels from the previous token. Image tokens take their first quarter
-    from the token one row above and their second quarter from the token to their left (zeros at the image edges);
-    the first image token takes nothing from the text.
-    """
-    dim = history.shape[-1]
+
+def shift_tokens(history: torch.Tensor, positions: torch.Tensor, weights: tuple, fmap_size: int) -> torch.Tensor:
+    """Token-shifted inputs for the tokens at `positions`, reading neighbours from `history` (b, L, d)."""
+    keep, from_prev, from_above = weights
     x = history[:, positions]
     prev = history[:, (positions - 1).clamp(min=0)]
     above = history[:, (positions - fmap_size).clamp(min=0)]
-
-    half = (dim + 1) // 2  # torch.chunk(2) sizes
-    quarter = (dim + 3) // 4  # torch.chunk(4) sizes
-    img = positions - text_len
-    is_text = (img < 0)[:, None]
-    has_prev = (positions > 0)[:, None]
-    has_left = (img % fmap_size != 0)[:, None]
-    has_above = (img >= fmap_size)[:, None]
-
-    ch = torch.arange(dim, device=history.device)
-    zero = torch.zeros((), dtype=history.dtype, device=history.device)
-    text_out = torch.where((ch < half) & has_prev, prev, torch.where(ch < half, zero, x))
-    image_out = torch.where(ch < quarter, torch.where(has_above, above, zero),
-                            torch.where(ch < 2 * quarter, torch.where(has_left, prev, zero), x))
-    return torch.where(is_text, text_out, image_out)
+    return x * keep + prev * from_prev + above * from_above
 
 
 class Branch(nn.Module):
@@ -182,16 +181,24 @@ class Transformer(nn.Module):
         else:
             positions = torch.arange(start, start + n, device=x.device)
             keys = start + n
-        rotary = self.pos_emb[0, positions] if self.pos_emb is not None else None
+        rotary = None
+        if self.pos_emb is not None:
+            angles = self.pos_emb[0, positions].float()
+            rotary = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        shift = shift_weights(positions, self.text_len, self.fmap_size, self.dim, x.dtype) if self.shift else None
+        masks = {}
 
         if self.reversible:
             x1 = x2 = x
         for i, layer in enumerate(self.layers):
-            mask_i = self._query_mask(i, positions, keys, mask)
+            kind = self.layer_types[i]
+            if kind == "sparse" or kind not in masks:
+                masks[kind] = self._query_mask(i, positions, keys, mask)
+            mask_i = masks[kind]
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             attn_kw = dict(mask=mask_i, rotary=rotary, kv_cache=kv, start=start)
-            attn_shift = self._shifter(cache, i, 0, positions, start, n)
-            ff_shift = self._shifter(cache, i, 1, positions, start, n)
+            attn_shift = self._shifter(cache, i, 0, positions, start, n, shift)
+            ff_shift = self._shifter(cache, i, 1, positions, start, n, shift)
             if self.reversible:
                 x1 = x1 + layer.attn(x2, attn_shift, **attn_kw)
                 x2 = x2 + layer.ff(x1, ff_shift)
@@ -200,20 +207,20 @@ class Transformer(nn.Module):
                 x = x + layer.ff(x, ff_shift)
         return (x1 + x2) / 2 if self.reversible else x
 
-    def _shifter(self, cache, layer, branch, positions, start, n):
+    def _shifter(self, cache, layer, branch, positions, start, n, weights):
         """Token shift for one branch; with a cache, the unshifted inputs are kept there for later tokens."""
         if not self.shift:
             return None
 
         def shift(h):
             if cache is None:
-                return shift_tokens(h, positions, self.text_len, self.fmap_size)
+                return shift_tokens(h, positions, weights, self.fmap_size)
             history = cache.shifted[layer, branch]
             if torch.is_tensor(start):
                 history.index_copy_(1, start, h)
             else:
                 history[:, start:start + n] = h
-            return shift_tokens(history, positions, self.text_len, self.fmap_size)
+            return shift_tokens(history, positions, weights, self.fmap_size)
 
         return shift
 
