@@ -159,6 +159,8 @@ class Transformer(nn.Module):
         return getattr(self, f"mask_{kind}")
 
     def _query_mask(self, i, positions, keys, key_mask):
+        if self.layer_types[i] == "full" and keys is not None and len(positions) == 1 and key_mask is None:
+            return None  # one query over the keys before it: nothing to mask (and SDPA is faster without one)
         mask = self.layer_mask(i)
         if mask is not None:
             mask = mask[..., positions, :][..., :keys] if keys is not None else mask[..., positions, :]
