@@ -22,6 +22,7 @@ def main(argv=None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget for this call")
     parser.add_argument("--shard-mib", type=float, default=None, help="save the checkpoint in shards of this size")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--weights-copy", default=None, help="also save models only (no optimizers) here")
     parser.add_argument("--export-anyway", action="store_true", help="export even if training is not finished")
     args = parser.parse_args(argv)
 
@@ -43,6 +44,8 @@ def main(argv=None) -> None:
         summary["vae_psnr_fresh"] = trainer.vae_psnr(256 if not args.quick else 32)
     (state_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
+    if args.weights_copy:
+        trainer.save_weights(args.weights_copy)
     if done or args.export_anyway:
         folder = trainer.export(args.out)
         (Path(folder) / "loss_curves.png").write_bytes((state_dir / "loss_curves.png").read_bytes())

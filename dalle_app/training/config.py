@@ -35,7 +35,7 @@ class TrainConfig:
                                                            visual_heads=4, visual_image_size=128,
                                                            visual_patch_size=16))
     clip_lr: float = 3e-4
-    clip_steps: int = 3000  # CLIP trains on the first clip_steps DALLE batches
+    clip_steps: int = 2400  # CLIP trains on the first clip_steps DALLE batches (after a restart: from then on)
     seed: int = 0
     num_workers: int = 12
     log_every: int = 25
@@ -49,11 +49,11 @@ def quick_config() -> TrainConfig:
     return TrainConfig(
         image_size=32,
         vae=dict(image_size=32, num_layers=2, num_tokens=64, codebook_dim=32, hidden_dim=16, num_resnet_blocks=0),
-        vae_steps=60, vae_batch=16, vae_lr=3e-3,
+        vae_steps=200, vae_batch=16, vae_lr=3e-3, vae_temp_end=0.3, vae_hard_from=1.0,
         dalle=dict(dim=64, depth=2, heads=2, dim_head=16, attn_types=("full",), shift_tokens=True, rotary_emb=True,
                    loss_img_weight=7),
-        dalle_steps=60, dalle_batch=16, dalle_lr=2e-3, warmup=10,
+        dalle_steps=80, dalle_batch=16, dalle_lr=2e-3, warmup=10,
         clip=dict(dim_text=32, dim_image=32, dim_latent=32, text_enc_depth=1, text_heads=2, visual_enc_depth=1,
                   visual_heads=2, visual_image_size=32, visual_patch_size=8),
-        clip_lr=2e-3, clip_steps=60, num_workers=0, log_every=10,
+        clip_lr=5e-3, clip_steps=80, num_workers=0, log_every=5,
     )

@@ -20,6 +20,7 @@ def _smooth(values: list[float], k: int = 9) -> list[float]:
 
 def draw_loss_curves(history: dict[str, list[tuple[int, float]]], path, width: int = 900, panel_h: int = 220) -> None:
     """One panel per loss (log-scale y), x = step within its phase; `history[name]` is a list of (step, value)."""
+    history = {n: [(s, v) for s, v in pts if math.isfinite(v)] for n, pts in history.items()}
     names = [n for n, pts in history.items() if len(pts) >= 2]
     height = max(1, len(names)) * panel_h
     img = Image.new("RGB", (width, height), "white")

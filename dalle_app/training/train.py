@@ -57,7 +57,7 @@ class Trainer:
                                            weight_decay=cfg.weight_decay)
         self.opt_clip = torch.optim.AdamW(self.clip.parameters(), lr=cfg.clip_lr, weight_decay=cfg.weight_decay) \
             if self.clip else None
-        self.phase, self.step = "vae", 0
+        self.phase, self.step, self.clip_step = "vae", 0, 0
         self.history: dict[str, list] = {}
         self.seconds = 0.0  # training time summed over all runs
         saved = load_state(self.state_dir)
@@ -66,7 +66,7 @@ class Trainer:
 
     # -- checkpoint ----------------------------------------------------------------------------------------------
     def _tree(self) -> dict:
-        tree = {"config": self.cfg.to_dict(), "phase": self.phase, "step": self.step, "seconds": self.seconds,
+        tree = {"config": self.cfg.to_dict(), "phase": self.phase, "step": self.step, "clip_step": self.clip_step, "seconds": self.seconds,
                 "history": {k: [list(p) for p in v] for k, v in self.history.items()},
                 "vae": self.vae.state_dict(), "dalle": {k: v for k, v in self.dalle.state_dict().items()
                                                         if not k.startswith("vae.")},
@@ -81,18 +81,31 @@ class Trainer:
     def save(self) -> None:
         save_state(self._tree(), self.state_dir, self.shard_mib)
 
+    def save_weights(self, folder) -> None:
+        """Models, history and times only (no optimizers): a smaller checkpoint to export from elsewhere."""
+        tree = {k: v for k, v in self._tree().items() if not k.startswith("opt_") and k != "rng"}
+        save_state(tree, folder, self.shard_mib)
+
     def _restore(self, tree: dict) -> None:
         self.phase, self.step, self.seconds = tree["phase"], tree["step"], tree["seconds"]
         self.history = {k: [tuple(p) for p in v] for k, v in tree["history"].items()}
         self.vae.load_state_dict(tree["vae"])
         self.dalle.load_state_dict(tree["dalle"], strict=False)
-        self.opt_dalle.load_state_dict(expand_optimizer(tree["opt_dalle"]))
+        self.clip_step = tree.get("clip_step", 0)
+        if "opt_dalle" in tree:
+            self.opt_dalle.load_state_dict(expand_optimizer(tree["opt_dalle"]))
         if "opt_vae" in tree:
             self.opt_vae.load_state_dict(expand_optimizer(tree["opt_vae"]))
-        if self.clip is not None and "clip" in tree:
+        clip_ok = "clip" in tree and all(torch.isfinite(v).all() for v in tree["clip"].values())
+        if self.clip is not None and clip_ok:
             self.clip.load_state_dict(tree["clip"])
-            self.opt_clip.load_state_dict(expand_optimizer(tree["opt_clip"]))
-        set_rng_state(tree["rng"])
+            if "opt_clip" in tree:
+                self.opt_clip.load_state_dict(expand_optimizer(tree["opt_clip"]))
+        elif self.clip is not None:
+            print("the checkpoint has no usable CLIP (missing or not finite): CLIP starts afresh")
+            self.clip_step = 0
+        if "rng" in tree:
+            set_rng_state(tree["rng"])
         print(f"resumed from {self.state_dir}: phase {self.phase}, step {self.step}, {self.seconds / 60:.1f} min so far")
 
     # -- data ----------------------------------------------------------------------------------------------------
@@ -154,9 +167,9 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.opt_dalle.param_groups[0]["params"], 1.0)
         self.opt_dalle.step()
         out = {"dalle": loss.item()}
-        if self.clip is not None and self.step < cfg.clip_steps:
+        if self.clip is not None and self.clip_step < cfg.clip_steps:
             for g in self.opt_clip.param_groups:
-                g["lr"] = lr_at(self.step, cfg.clip_steps, cfg.clip_lr, cfg.warmup)
+                g["lr"] = lr_at(self.clip_step, cfg.clip_steps, cfg.clip_lr, cfg.warmup)
             with torch.no_grad():  # CLIP sees what it will rerank: decoder output, in the decoder's space
                 decoded = self.vae.decode(ids).float().clamp(-1, 1)
             self.clip.train()
@@ -164,7 +177,11 @@ class Trainer:
                 closs = self.clip(text, decoded, text_mask=text != 0, return_loss=True)
             self.opt_clip.zero_grad(set_to_none=True)
             closs.backward()
+            torch.nn.utils.clip_grad_norm_(self.clip.parameters(), 1.0)
             self.opt_clip.step()
+            with torch.no_grad():  # logit scale at most 100, as in OpenAI's CLIP; unbounded it overflows
+                self.clip.temperature.clamp_(max=math.log(100))
+            self.clip_step += 1
             out["clip"] = closs.item()
         return out
 
