@@ -95,14 +95,24 @@ def rotary_table(text_len: int, fmap_size: int, dim_head: int) -> torch.Tensor:
     return table[None]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (..., n, dim_head) by the angles whose cos / sin
-    (n, width) are given; channels past `width` are left alone."""
-    width = cos.shape[-1]
-    rot, rest = x[..., :width], x[..., width:]
-    pairs = rot.unflatten(-1, (-1, 2))
-    rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return torch.cat((rot * cos + rotated_half * sin, rest), dim=-1)
+def rotary_matrices(angles: torch.Tensor, dim_head: int) -> torch.Tensor:
+    """Per-position rotation matrices (n, dim_head, dim_head) for angles (n, width): `x @ R[p]` rotates each
+    interleaved channel pair (x[2i], x[2i+1]) of a head by its angle and leaves channels past `width` alone.
+    One small matmul per layer instead of a chain of slicing and elementwise kernels."""
+    n, width = angles.shape
+    cos, sin = angles.cos(), angles.sin()
+    rot = torch.eye(dim_head, dtype=angles.dtype, device=angles.device).repeat(n, 1, 1)
+    even = torch.arange(0, width, 2, device=angles.device)
+    rot[:, even, even] = cos[:, even]
+    rot[:, even + 1, even + 1] = cos[:, even + 1]
+    rot[:, even + 1, even] = -sin[:, even]  # out[2i] = x[2i] cos - x[2i+1] sin
+    rot[:, even, even + 1] = sin[:, even + 1]  # out[2i+1] = x[2i+1] cos + x[2i] sin
+    return rot
+
+
+def apply_rotary(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., n, dim_head) with the per-position matrices rot (n, dim_head, dim_head)."""
+    return (x.unsqueeze(-2) @ rot).squeeze(-2) if rot.shape[0] > 1 else x @ rot[0]
 
 
 class Attention(nn.Module):
@@ -129,13 +139,13 @@ class Attention(nn.Module):
         """Attend from x (b, n, dim) at positions start..start+n-1.
 
         mask: bool, broadcastable to (b, heads, n, keys), True = may attend (None = attend to all keys).
-        rotary: (cos, sin) of the rotary angles for the n positions, each (n, width), or None.
+        rotary: rotation matrices for the n positions (n, dim_head, dim_head) (see rotary_matrices), or None.
         kv_cache: (k, v) buffers (b, heads, max_len, dim_head) that receive this call's keys and values; the call then
         attends to the cached keys 0..start+n-1 (or to the whole buffer, masked, when start is a tensor).
         """
         qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
         if rotary is not None:  # DALLE-pytorch rotates q, k and v alike
-            qkv = apply_rotary(qkv, *rotary)
+            qkv = apply_rotary(qkv, rotary)
         q, k, v = qkv.unbind(0)
         if kv_cache is not None:
             k, v = write_kv(kv_cache, k, v, start)

@@ -18,7 +18,8 @@ from itertools import cycle, islice
 import torch
 from torch import nn
 
-from .attention import Attention, FeedForward, attention_mask, rotary_table, sparse_attention_mask
+from .attention import (Attention, FeedForward, attention_mask, rotary_matrices, rotary_table,
+                        sparse_attention_mask)
 
 
 @dataclass
@@ -62,12 +63,12 @@ def shift_weights(positions: torch.Tensor, text_len: int, fmap_size: int, dim: i
     return keep.to(dtype), from_prev.to(dtype), from_above.to(dtype)
 
 
-def shift_tokens(history: torch.Tensor, positions: torch.Tensor, weights: tuple, fmap_size: int) -> torch.Tensor:
-    """Token-shifted inputs for the tokens at `positions`, reading neighbours from `history` (b, L, d)."""
+def shift_tokens(x: torch.Tensor, history: torch.Tensor, positions: torch.Tensor, weights: tuple,
+                 fmap_size: int) -> torch.Tensor:
+    """Token-shifted x (b, n, d), the tokens at `positions`, reading their neighbours from `history` (b, L, d)."""
     keep, from_prev, from_above = weights
-    x = history[:, positions]
-    prev = history[:, (positions - 1).clamp(min=0)]
-    above = history[:, (positions - fmap_size).clamp(min=0)]
+    neighbours = torch.cat(((positions - 1).clamp(min=0), (positions - fmap_size).clamp(min=0)))
+    prev, above = history.index_select(1, neighbours).chunk(2, dim=1)
     return x * keep + prev * from_prev + above * from_above
 
 
@@ -185,8 +186,7 @@ class Transformer(nn.Module):
             keys = start + n
         rotary = None
         if self.pos_emb is not None:
-            angles = self.pos_emb[0, positions].float()
-            rotary = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+            rotary = rotary_matrices(self.pos_emb[0, positions].float(), self.dim_head).to(x.dtype)
         shift = shift_weights(positions, self.text_len, self.fmap_size, self.dim, x.dtype) if self.shift else None
         masks = {}
 
@@ -216,13 +216,13 @@ class Transformer(nn.Module):
 
         def shift(h):
             if cache is None:
-                return shift_tokens(h, positions, weights, self.fmap_size)
+                return shift_tokens(h, h, positions, weights, self.fmap_size)
             history = cache.shifted[layer, branch]
             if torch.is_tensor(start):
                 history.index_copy_(1, start, h)
             else:
                 history[:, start:start + n] = h
-            return shift_tokens(history, positions, weights, self.fmap_size)
+            return shift_tokens(h, history, positions, weights, self.fmap_size)
 
         return shift
 
