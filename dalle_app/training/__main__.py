@@ -22,6 +22,7 @@ def main(argv=None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget for this call")
     parser.add_argument("--shard-mib", type=float, default=None, help="save the checkpoint in shards of this size")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--restart-clip", action="store_true", help="train CLIP again from scratch")
     parser.add_argument("--weights-copy", default=None, help="also save models only (no optimizers) here")
     parser.add_argument("--export-anyway", action="store_true", help="export even if training is not finished")
     args = parser.parse_args(argv)
@@ -33,6 +34,8 @@ def main(argv=None) -> None:
     cfg = quick_config() if args.quick else TrainConfig()
     state_dir = Path(args.resume or Path("runs") / Path(args.out).name)
     trainer = Trainer(cfg, state_dir, device, shard_mib=args.shard_mib)
+    if args.restart_clip:
+        trainer.restart_clip()
     t = time.time()
     done = trainer.run(args.minutes * 60 if args.minutes else float("inf"))
     print(f"this call trained {time.time() - t:.0f} s; total {trainer.seconds / 60:.1f} min; "

@@ -34,7 +34,7 @@ class TrainConfig:
                                                            text_enc_depth=2, text_heads=4, visual_enc_depth=2,
                                                            visual_heads=4, visual_image_size=128,
                                                            visual_patch_size=16))
-    clip_lr: float = 3e-4
+    clip_lr: float = 2e-4
     clip_steps: int = 2400  # CLIP trains on the first clip_steps DALLE batches (after a restart: from then on)
     seed: int = 0
     num_workers: int = 12

@@ -81,6 +81,17 @@ class Trainer:
     def save(self) -> None:
         save_state(self._tree(), self.state_dir, self.shard_mib)
 
+    def restart_clip(self) -> None:
+        """Re-initialise CLIP and its optimizer; it trains again (alone, if DALLE is done)."""
+        torch.manual_seed(self.cfg.seed + 1)
+        self.clip = CLIP(num_text_tokens=self.tokenizer.vocab_size, text_seq_len=self.cfg.text_seq_len,
+                         num_visual_tokens=self.cfg.vae["num_tokens"], **self.cfg.clip).to(self.device)
+        self.opt_clip = torch.optim.AdamW(self.clip.parameters(), lr=self.cfg.clip_lr,
+                                          weight_decay=self.cfg.weight_decay)
+        self.clip_step = 0
+        if self.phase == "done":
+            self.phase, self.step = "clip", 0
+
     def save_weights(self, folder) -> None:
         """Models, history and times only (no optimizers): a smaller checkpoint to export from elsewhere."""
         tree = {k: v for k, v in self._tree().items() if not k.startswith("opt_") and k != "rng"}
@@ -152,7 +163,18 @@ class Trainer:
         recon = self.vae.to_unit_range(self.vae.decode(self.vae.get_codebook_indices(images)).float())
         return psnr(recon, images)
 
-    def _dalle_step(self, images, text) -> dict:
+    def _dalle_step(self, images, text, train_dalle: bool = True) -> dict:
+        cfg = self.cfg
+        out = {}
+        if train_dalle:
+            out = self._dalle_only(images, text)
+        else:
+            with torch.no_grad():
+                ids = self.vae.get_codebook_indices(images)
+        ids = self._last_ids if train_dalle else ids
+        return self._clip_part(ids, text, out)
+
+    def _dalle_only(self, images, text) -> dict:
         cfg = self.cfg
         for g in self.opt_dalle.param_groups:
             g["lr"] = lr_at(self.step, cfg.dalle_steps, cfg.dalle_lr, cfg.warmup)
@@ -166,16 +188,22 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.opt_dalle.param_groups[0]["params"], 1.0)
         self.opt_dalle.step()
-        out = {"dalle": loss.item()}
+        self._last_ids = ids
+        return {"dalle": loss.item()}
+
+    def _clip_part(self, ids, text, out: dict) -> dict:
+        cfg = self.cfg
         if self.clip is not None and self.clip_step < cfg.clip_steps:
             for g in self.opt_clip.param_groups:
                 g["lr"] = lr_at(self.clip_step, cfg.clip_steps, cfg.clip_lr, cfg.warmup)
             with torch.no_grad():  # CLIP sees what it will rerank: decoder output, in the decoder's space
                 decoded = self.vae.decode(ids).float().clamp(-1, 1)
             self.clip.train()
-            with self._autocast():
-                closs = self.clip(text, decoded, text_mask=text != 0, return_loss=True)
+            closs = self.clip(text, decoded, text_mask=text != 0, return_loss=True)  # float32: bf16 went NaN
             self.opt_clip.zero_grad(set_to_none=True)
+            if not torch.isfinite(closs):  # skip a bad batch rather than poison the weights
+                out["clip"] = float("nan")
+                return out
             closs.backward()
             torch.nn.utils.clip_grad_norm_(self.clip.parameters(), 1.0)
             self.opt_clip.step()
@@ -190,7 +218,7 @@ class Trainer:
         """Train for at most `seconds` (wall clock); returns True when every phase is done."""
         start = last_save = time.time()
         while self.phase != "done" and seconds > 0:
-            total = self.cfg.vae_steps if self.phase == "vae" else self.cfg.dalle_steps
+            total = {"vae": self.cfg.vae_steps, "dalle": self.cfg.dalle_steps, "clip": self.cfg.clip_steps}[self.phase]
             batch = self.cfg.vae_batch if self.phase == "vae" else self.cfg.dalle_batch
             self.vae.requires_grad_(self.phase == "vae")
             bar = tqdm(total=total, initial=self.step, desc=self.phase, mininterval=5, dynamic_ncols=True)
@@ -199,7 +227,8 @@ class Trainer:
             for images, text in self._loader(batch):
                 if self.step >= total:
                     break
-                logs = self._vae_step(images) if self.phase == "vae" else self._dalle_step(images, text)
+                logs = self._vae_step(images) if self.phase == "vae" else self._dalle_step(
+                    images, text, train_dalle=self.phase == "dalle")
                 if self.step % self.cfg.log_every == 0:
                     for k, v in logs.items():
                         if k != "temp":
@@ -221,6 +250,8 @@ class Trainer:
                 self.save()
                 return False
             self.phase, self.step = ("dalle", 0) if self.phase == "vae" else ("done", 0)
+            if self.phase == "done" and self.clip is not None and self.clip_step < self.cfg.clip_steps:
+                self.phase, self.step = "clip", self.clip_step  # CLIP was restarted: finish it alone
             self.save()
         return self.phase == "done"
 
@@ -240,8 +271,9 @@ class Trainer:
         from ..manager.pretrained import save_pretrained
 
         hp = dict(self.dalle.hparams)
+        conv_like_window = hp.pop("conv_like_window", "above_left")
         config = {"dalle": hp, "vae": {"kind": "DiscreteVAE", "params": self.vae.config()},
-                  "conv_like_window": hp.get("conv_like_window", "above_left"),
+                  "conv_like_window": conv_like_window,
                   "clip": {"params": self.clip.config} if self.clip is not None else None,
                   "tokenizer": {"kind": "yttm"},
                   "source": {"trained_by": "python -m dalle_app.training", "train_seconds": round(self.seconds)}}
