@@ -89,6 +89,7 @@ class Trainer:
         self.opt_clip = torch.optim.AdamW(self.clip.parameters(), lr=self.cfg.clip_lr,
                                           weight_decay=self.cfg.weight_decay)
         self.clip_step = 0
+        self.history["clip"] = []  # the curve of the new attempt only
         if self.phase == "done":
             self.phase, self.step = "clip", 0
 
