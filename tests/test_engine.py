@@ -200,3 +200,17 @@ def test_bad_sampling_options_raise_clear_errors():
     for bad in (dict(temperature=0), dict(temperature=float("nan")), dict(top_k=0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             SamplingOptions(**bad).validate()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_and_generation(dtype):
+    dalle = make_dalle(**CONFIGS["mixed"])
+    text, ids = prompts(2), torch.randint(0, 48, (2, 16))
+    reference = dalle(text, ids)
+    half = make_dalle(**CONFIGS["mixed"]).to(dtype)
+    logits = half(text, ids)
+    assert logits.dtype == dtype
+    allowed = ~dalle.logits_mask[0, :logits.shape[1]]
+    assert torch.allclose(logits.float()[:, allowed], reference[:, allowed], atol=0.1)
+    out = generate_image_tokens(half, text, SamplingOptions(top_k=8, cond_scale=3.0), seeds=[1, 2])
+    assert out.image_ids.shape == (2, half.image_seq_len) and int(out.image_ids.max()) < 48
