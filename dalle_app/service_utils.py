@@ -80,6 +80,7 @@ def load_image(image) -> Image.Image:
     try:
         if isinstance(image, (str, Path)):
             image = Image.open(image)
+            _check_pixels(image)
             image.load()
         elif isinstance(image, np.ndarray):
             image = Image.fromarray(image.astype(np.uint8))
@@ -87,11 +88,24 @@ def load_image(image) -> Image.Image:
             return load_image(image["path"])
         if not isinstance(image, Image.Image):
             raise TypeError
+    except RequestError:
+        raise
+    except Image.DecompressionBombError:
+        raise RequestError("The image is too large; upload a picture under "
+                           f"{Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels.") from None
     except Exception:  # noqa: BLE001 - any unreadable input is the same user error
         raise RequestError("The image could not be read; upload a PNG, JPEG or WebP picture.") from None
     if min(image.size) < 1:
         raise RequestError("The image is empty; upload a picture with at least one pixel.")
     return image.convert("RGB")
+
+
+def _check_pixels(image: Image.Image) -> None:
+    """Refuse pictures above PIL's MAX_IMAGE_PIXELS before decoding them (PIL only warns up to twice that)."""
+    w, h = image.size
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        raise RequestError(f"The image is too large ({w}x{h} pixels); upload a picture under "
+                           f"{Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels.")
 
 
 # ----------------------------------------------------------------------------------------------- PNG metadata

@@ -20,6 +20,23 @@ def _error(exc: Exception) -> gr.Error:
     return gr.Error(f"The request failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).")
 
 
+class CheckedImage(gr.Image):
+    """gr.Image whose upload check answers in one sentence: Gradio's own wraps PIL's error in a long generic text."""
+
+    def preprocess(self, payload):
+        """Check the upload opens as a picture of sane size, then let gr.Image do its work."""
+        from ..service_utils import load_image
+
+        path = getattr(payload, "path", None)
+        try:
+            if path:
+                load_image(path)  # opens lazily and refuses huge images before they are decoded
+            return super().preprocess(payload)
+        except Exception as exc:  # noqa: BLE001
+            raise _error(exc if isinstance(exc, RequestError) else RequestError(
+                "The image could not be read; upload a PNG, JPEG or WebP picture.")) from None
+
+
 def _finish(updates):
     """Run a service request to its end; return (files or texts, info)."""
     last = None
@@ -164,7 +181,7 @@ def build_demo(service: Service, *, concurrency: int = 1) -> gr.Blocks:
             with gr.Tab("Image priming", id="prime"):
                 with gr.Row():
                     with gr.Column():
-                        prime_input = gr.Image(type="filepath", label="Image", format="png")
+                        prime_input = CheckedImage(type="filepath", label="Image", format="png")
                         prime_prompt = gr.Textbox(label="Prompt")
                         keep_rows = gr.Slider(0, side, value=side // 2, step=1, label="Token rows to keep (top)")
                         use_box = gr.Checkbox(label="Also keep a box (fractions of the image)")
@@ -187,7 +204,7 @@ def build_demo(service: Service, *, concurrency: int = 1) -> gr.Blocks:
             with gr.Tab("VAE reconstruction", id="vae"):
                 with gr.Row():
                     with gr.Column():
-                        vae_input = gr.Image(type="filepath", label="Image", format="png")
+                        vae_input = CheckedImage(type="filepath", label="Image", format="png")
                         vae_btn = gr.Button("Reconstruct", variant="primary")
                     with gr.Column():
                         vae_gallery = gr.Gallery(label="Input as the VAE sees it · reconstruction · token grid",
