@@ -20,21 +20,27 @@ def _error(exc: Exception) -> gr.Error:
     return gr.Error(f"The request failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).")
 
 
-class CheckedImage(gr.Image):
-    """gr.Image whose upload check answers in one sentence: Gradio's own wraps PIL's error in a long generic text."""
+def checked_image(**kwargs) -> gr.Image:
+    """A gr.Image whose upload check answers in one sentence (Gradio's own wraps PIL's error in a long generic text).
 
-    def preprocess(self, payload):
-        """Check the upload opens as a picture of sane size, then let gr.Image do its work."""
-        from ..service_utils import load_image
+    The check is set on the instance: a gr.Image subclass would make Gradio write a .pyi file next to this module."""
+    from ..service_utils import load_image
 
+    image = gr.Image(**kwargs)
+    original = image.preprocess
+
+    def preprocess(payload):
         path = getattr(payload, "path", None)
         try:
             if path:
                 load_image(path)  # opens lazily and refuses huge images before they are decoded
-            return super().preprocess(payload)
+            return original(payload)
         except Exception as exc:  # noqa: BLE001
             raise _error(exc if isinstance(exc, RequestError) else RequestError(
                 "The image could not be read; upload a PNG, JPEG or WebP picture.")) from None
+
+    image.preprocess = preprocess
+    return image
 
 
 def _finish(updates):
@@ -181,7 +187,7 @@ def build_demo(service: Service, *, concurrency: int = 1) -> gr.Blocks:
             with gr.Tab("Image priming", id="prime"):
                 with gr.Row():
                     with gr.Column():
-                        prime_input = CheckedImage(type="filepath", label="Image", format="png")
+                        prime_input = checked_image(type="filepath", label="Image", format="png")
                         prime_prompt = gr.Textbox(label="Prompt")
                         keep_rows = gr.Slider(0, side, value=side // 2, step=1, label="Token rows to keep (top)")
                         use_box = gr.Checkbox(label="Also keep a box (fractions of the image)")
@@ -204,7 +210,7 @@ def build_demo(service: Service, *, concurrency: int = 1) -> gr.Blocks:
             with gr.Tab("VAE reconstruction", id="vae"):
                 with gr.Row():
                     with gr.Column():
-                        vae_input = CheckedImage(type="filepath", label="Image", format="png")
+                        vae_input = checked_image(type="filepath", label="Image", format="png")
                         vae_btn = gr.Button("Reconstruct", variant="primary")
                     with gr.Column():
                         vae_gallery = gr.Gallery(label="Input as the VAE sees it · reconstruction · token grid",
