@@ -165,7 +165,8 @@ def images(tmp_path_factory):
     paths["not_image"] = d / "text.png"
     (d / "truncated.png").write_bytes(full[: len(full) // 2])
     paths["truncated"] = d / "truncated.png"
-    paths["bomb"] = _bomb_png(d / "bomb.png")
+    paths["bomb"] = _bomb_png(d / "bomb.png")  # 400 Mpx: PIL raises DecompressionBombError
+    paths["big"] = _bomb_png(d / "big.png", 10000)  # 100 Mpx: above MAX_IMAGE_PIXELS, where PIL only warns
     return paths
 
 
@@ -179,7 +180,7 @@ def test_unusual_but_valid_images_work(client, images, kind):
 
 
 @pytest.mark.parametrize("kind, match", [("not_image", "could not be read"), ("truncated", "could not be read"),
-                                         ("bomb", "too large")])
+                                         ("bomb", "too large"), ("big", "too large")])
 def test_broken_and_huge_images_are_refused_plainly(client, images, kind, match):
     upload = gradio_client.handle_file(str(images[kind]))
     _assert_clear_error(lambda: client.predict(upload, api_name="/reconstruct"), match)
