@@ -78,15 +78,17 @@ def prompt(dalle, rows):
     return text
 
 
-def time_engine(dalle, rows, cond_scale, repeats, device, graph=None):
+def time_engine(dalle, rows, cond_scale, repeats, device, graph=None, compile_step=False):
     options = SamplingOptions(top_k=None, filter_thres=0.9, cond_scale=cond_scale)
     text = prompt(dalle, rows)
-    generate_image_tokens(dalle, text, options, seeds=list(range(rows)), use_cuda_graph=graph)  # warm-up
+    generate_image_tokens(dalle, text, options, seeds=list(range(rows)), use_cuda_graph=graph,
+                          compile_step=compile_step)  # warm-up (and compilation)
     times = []
     for _ in range(repeats):
         sync(device)
         t = time.perf_counter()
-        generate_image_tokens(dalle, text, options, seeds=list(range(rows)), use_cuda_graph=graph)
+        generate_image_tokens(dalle, text, options, seeds=list(range(rows)), use_cuda_graph=graph,
+                              compile_step=compile_step)
         sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
@@ -127,6 +129,7 @@ def main():
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-uncached", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="fuse the decode step with torch.compile (CUDA)")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -142,7 +145,7 @@ def main():
         dalle = build(shape, device, dtype)
         for images in args.images or [8, 1]:
             for cs in args.cond_scale or [3.0, 1.0]:
-                sec = time_engine(dalle, images, cs, args.repeats, device)
+                sec = time_engine(dalle, images, cs, args.repeats, device, compile_step=args.compile)
                 per_token = sec / dalle.image_seq_len
                 unc = None if args.no_uncached else time_uncached(dalle, images, cs, device)
                 ref = REFERENCE_SECONDS.get((shape, images, cs))

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..models.transformer import InferenceCache
 from .sampling import SamplingOptions, guide, sample
 
 ProgressFn = Callable[["Progress"], None]
@@ -63,11 +64,37 @@ def _seed_tensor(seeds, rows, device):
     return seeds, torch.tensor(seeds, dtype=torch.long, device=device)
 
 
+def _decode_step(dalle, k, v, shifted, seeds, ids, pos, guided, cond_scale, temperature, top_k, top_p):
+    """Feed image tokens ids (rows, 1) at sequence position pos; return the next sampled image token per row."""
+    text_len = dalle.text_seq_len + 1
+    feed = ids.repeat(2, 1) if guided else ids
+    img_pos = pos - text_len
+    x = dalle.embed_image(feed, img_pos)
+    h = dalle.transformer(x, cache=InferenceCache(k, v, shifted), start=pos)
+    logits = dalle.image_logits(h)[:, -1]
+    if guided:
+        logits = guide(logits, cond_scale)
+    # noise position = index of the token being chosen
+    return sample(logits, seeds, img_pos + 1, temperature, top_k, top_p)
+
+
+_COMPILED = None
+
+
+def _compiled_step():
+    """`_decode_step` through torch.compile (fuses the step's many small kernels; compiles once per shape)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_decode_step, dynamic=False)
+    return _COMPILED
+
+
 class _Stepper:
     """Runs one decoding step for all rows: feed image token at position `pos`, return the next sampled token."""
 
-    def __init__(self, dalle, cache, seeds, options: SamplingOptions, guided: bool, use_graph: bool):
-        self.dalle, self.cache, self.seeds, self.guided = dalle, cache, seeds, guided
+    def __init__(self, dalle, cache, seeds, options: SamplingOptions, guided: bool, use_graph: bool,
+                 compile: bool = False):
+        self.dalle, self.cache, self.seeds, self.guided, self.compile = dalle, cache, seeds, guided, compile
         self.options = options
         self.top_k = options.effective_top_k(dalle.num_image_tokens, dalle.total_tokens)
         self.graph = None
@@ -75,17 +102,10 @@ class _Stepper:
             self._capture()
 
     def _eager(self, ids, pos):
-        dalle = self.dalle
-        text_len = dalle.text_seq_len + 1
-        feed = ids.repeat(2, 1) if self.guided else ids
-        img_pos = pos - text_len
-        x = dalle.embed_image(feed, img_pos if torch.is_tensor(pos) else img_pos)
-        h = dalle.transformer(x, cache=self.cache, start=pos)
-        logits = dalle.image_logits(h)[:, -1]
-        if self.guided:
-            logits = guide(logits, self.options.cond_scale)
-        # noise position = index of the token being chosen (pos + 1 - text_len)
-        return sample(logits, self.seeds, img_pos + 1, self.options.temperature, self.top_k, self.options.top_p)
+        step = _compiled_step() if self.compile else _decode_step
+        c, o = self.cache, self.options
+        return step(self.dalle, c.k, c.v, c.shifted, self.seeds, ids, pos, self.guided, o.cond_scale, o.temperature,
+                    self.top_k, o.top_p)
 
     def _capture(self):
         dev = self.seeds.device
@@ -114,8 +134,8 @@ class _Stepper:
 def generate_image_tokens(dalle, text: torch.Tensor, options: SamplingOptions | None = None, *, seeds=None,
                           prime_ids: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
                           progress: ProgressFn | None = None, progress_every: int = 16,
-                          should_stop: Callable[[], bool] | None = None, use_cuda_graph: bool | None = None
-                          ) -> ImageTokens:
+                          should_stop: Callable[[], bool] | None = None, use_cuda_graph: bool | None = None,
+                          compile_step: bool = False) -> ImageTokens:
     """Sample image tokens for each row of `text` (rows, T) (0 = padding; repeat rows for several images each).
 
     prime_ids: (rows, k) leading tokens to keep (DALLE-pytorch's num_init_img_tokens), or (rows, I) together with
@@ -163,7 +183,8 @@ def generate_image_tokens(dalle, text: torch.Tensor, options: SamplingOptions | 
     text_len = dalle.text_seq_len + 1
     if use_cuda_graph is None:
         use_cuda_graph = device.type == "cuda"
-    stepper = _Stepper(dalle, cache, seed_t, options, guided, use_graph=use_cuda_graph and prefix < total - 1)
+    stepper = _Stepper(dalle, cache, seed_t, options, guided, use_graph=use_cuda_graph and prefix < total - 1,
+                       compile=compile_step)
     completed = True
     given_list = given.tolist()  # host copy: no device sync inside the loop
     for j in range(prefix, total):
