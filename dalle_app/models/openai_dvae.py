@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vae import token_grid
+
 LOGIT_LAPLACE_EPS = 0.1
 
 
@@ -188,11 +190,7 @@ class OpenAIDiscreteVAE(nn.Module):
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (b, n) with n a square, or (b, h, w) -> images (b, 3, H, W) in [0, 1]."""
-        if ids.dim() == 2:
-            side = int(round(ids.shape[1] ** 0.5))
-            if side * side != ids.shape[1]:
-                raise ValueError(f"Cannot decode {ids.shape[1]} tokens as a square grid; pass ids shaped (b, h, w).")
-            ids = ids.reshape(ids.shape[0], side, side)
+        ids = token_grid(ids)
         param = self.dec.blocks.input.w
         z = F.one_hot(ids.to(param.device), num_classes=self.num_tokens).permute(0, 3, 1, 2).to(param.dtype)
         stats = self.dec(z).float()

@@ -14,6 +14,16 @@ from torch import nn
 DEFAULT_NORMALIZATION = ((0.5,) * 3 + (0.0,), (0.5,) * 3 + (1.0,))
 
 
+def token_grid(ids: torch.Tensor) -> torch.Tensor:
+    """Token ids (b, n) with n a square, or already (b, h, w), as a (b, h, w) grid in raster order."""
+    if ids.dim() == 2:
+        side = math.isqrt(ids.shape[1])
+        if side * side != ids.shape[1]:
+            raise ValueError(f"Cannot decode {ids.shape[1]} tokens as a square grid; pass ids shaped (b, h, w).")
+        ids = ids.reshape(ids.shape[0], side, side)
+    return ids
+
+
 class ResBlock(nn.Module):
     """conv3x3 -> ReLU -> conv3x3 -> ReLU -> conv1x1, plus the input (keys `net.0/2/4`)."""
 
@@ -96,10 +106,8 @@ class DiscreteVAE(nn.Module):
 
     def decode(self, img_seq: torch.Tensor) -> torch.Tensor:
         """Images (b, channels, size, size) in the normalised space (about [-1, 1]) from token ids (b, h*w)."""
-        side = int(math.isqrt(img_seq.shape[1]))
-        embeds = self.codebook(img_seq)  # (b, n, d)
-        embeds = embeds.transpose(1, 2).reshape(img_seq.shape[0], -1, side, side)
-        return self.decoder(embeds)
+        embeds = self.codebook(token_grid(img_seq))  # (b, h, w, d)
+        return self.decoder(embeds.permute(0, 3, 1, 2))
 
     def to_unit_range(self, decoded: torch.Tensor) -> torch.Tensor:
         """Map `decode` output back to [0, 1] images (inverse of `norm`, clamped)."""

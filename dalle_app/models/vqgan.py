@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vae import token_grid
+
 # taming `model.target` -> is_gumbel. VQNoDiscModel only differs from VQModel in its training loss.
 TAMING_TARGETS = {
     "taming.models.vqgan.VQModel": False,
@@ -402,11 +404,7 @@ class VQGanVAE(nn.Module):
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (b, n) with n a square, or (b, h, w) -> images (b, c, H, W) in [0, 1]."""
-        if ids.dim() == 2:
-            side = int(round(ids.shape[1] ** 0.5))
-            if side * side != ids.shape[1]:
-                raise ValueError(f"Cannot decode {ids.shape[1]} tokens as a square grid; pass ids shaped (b, h, w).")
-            ids = ids.reshape(ids.shape[0], side, side)
+        ids = token_grid(ids)
         codebook = self.model.quantize.codebook()
         z = F.embedding(ids.to(codebook.device), codebook).permute(0, 3, 1, 2)  # (b, embed_dim, h, w)
         images = self.model.decode(z)
