@@ -1,4 +1,4 @@
-"""Shared fixture pieces for the reliability tests: start `python app.py` with a tiny model on a free port."""
+"""Shared fixture pieces for tests that run the app: start `python app.py` with a tiny model on a free port."""
 
 from __future__ import annotations
 

@@ -2,10 +2,8 @@
 text-to-image tab in headless Chromium (Debian's /usr/bin/chromium through Playwright)."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from dalle_app.service import read_parameters
 
-from app_factory import make_tiny_model
+from reliability_server import start_app, stop_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -24,38 +22,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 SCREENSHOTS = os.environ.get("DALLE_APP_SCREENSHOTS")  # folder to save tab screenshots into (for the README)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
-    folder = make_tiny_model(root / "model")
-    port = _free_port()
-    env = dict(os.environ, DALLE_APP_MODEL_DIRS=str(root), DALLE_APP_CATALOG=str(root / "catalog.json"),
-               GRADIO_SERVER_NAME="127.0.0.1", PYTHONUNBUFFERED="1")
-    log = open(root / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(folder), "--port", str(port), "--device",
-                             "cpu", "--dtype", "fp32"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"app.py exited early: {(root / 'app.log').read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.terminate()
-        pytest.fail("app.py did not answer within 60 s")
+    proc, url, _ = start_app(root)
     yield url, root
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop_app(proc)
 
 
 @pytest.fixture(scope="module")
