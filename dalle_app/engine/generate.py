@@ -101,7 +101,7 @@ class _Stepper:
         if use_graph:
             self._capture()
 
-    def _eager(self, ids, pos):
+    def _run_step(self, ids, pos):
         step = _compiled_step() if self.compile else _decode_step
         c, o = self.cache, self.options
         return step(self.dalle, c.k, c.v, c.shifted, self.seeds, ids, pos, self.guided, o.cond_scale, o.temperature,
@@ -115,15 +115,15 @@ class _Stepper:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up kernels outside the graph
             for _ in range(2):
-                self._eager(self.static_ids, self.static_pos)
+                self._run_step(self.static_ids, self.static_pos)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_out = self._eager(self.static_ids, self.static_pos)
+            self.static_out = self._run_step(self.static_ids, self.static_pos)
 
     def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         if self.graph is None:
-            return self._eager(ids, pos)
+            return self._run_step(ids, pos)
         self.static_ids.copy_(ids)
         self.static_pos.fill_(pos)
         self.graph.replay()
