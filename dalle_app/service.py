@@ -1,196 +1,328 @@
-"""What the app and the CLI do, without any UI: validate requests, run the engine, write PNGs with their settings.
+"""What the app and the CLI do, without any UI: validate requests, run the engine fairly, write PNGs with settings.
 
-    service = Service("weights/shapes-dalle")
-    for update in service.text_to_image("a red circle", num_images=4, seed=0):
-        update.images, update.progress_text     # previews while sampling; the last update has update.files
-    read_parameters(update.files[0])             # {"model": ..., "prompt": ..., "seed": ..., "settings": {...}}
+    service = Service("weights/shapes-dalle")            # the default model; concurrency=1 GPU worker
+    for update in service.text_to_image("a red circle", num_images=4, seed=0, model=None):
+        update.images, update.progress_text, update.fraction, update.tokens_per_s, update.eta_s
+    read_parameters(update.files[0])                     # {"model": ..., "prompt": ..., "seed": ..., "settings": {...}}
 
-Each request is a generator of `Update`s: previews (partial images: rows decoded so far, the rest blank) and a
-final one with `done=True`, the PNG paths and an `info` dict (seeds used, timing, notes).
+Each request is a generator of `Update`s: previews (partial images: rows decoded so far, the rest blank),
+keep-alives (`waiting=True`, no images: keep what is shown) while the request waits for its turn on the model,
+and a final one with `done=True`, the PNG paths and an `info` dict (seeds used, timing, notes).
+
+Every request takes `model=` (a catalog name, Hub reference or local path; None = the default model), so users
+of one app can each use their own model; models come from the manager's LRU cache.
+
+Requests share the model through a `Scheduler`: `concurrency` requests compute at once, each for a short slice
+before the next waiting request gets its turn, so a large request does not starve a small one. Closing a request's
+generator (Gradio does this when the client disconnects or presses Stop) cancels it at the next token.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from .engine import complete_text as engine_complete_text, generate_image_tokens
-from .service_utils import (MAX_IMAGES, RequestError, Update, _eta_text, _stream, load_image, psnr, read_parameters,
-                            resolve_seeds, save_png, to_pil, token_grid_picture, validate_sampling)
+from .engine import complete_text as engine_complete_text, generate_image_tokens, generate_in_chunks
+from .service_utils import (MAX_IMAGES, Cancelled, RequestError, Scheduler, Update, _eta_text, load_image, psnr,
+                            read_parameters, resolve_seeds, run_in_thread, save_png, to_pil, token_grid_picture,
+                            validate_sampling)
 
-__all__ = ["MAX_IMAGES", "RequestError", "Service", "Update", "read_parameters", "validate_sampling"]
+__all__ = ["MAX_IMAGES", "OutOfMemory", "RequestError", "Service", "Update", "read_parameters", "validate_sampling"]
+
+
+class OutOfMemory(RequestError):
+    """Even one image at a time does not fit in the device's memory."""
 
 
 class Service:
-    """One loaded model (switchable) plus the four requests. Thread-safe for model switches."""
+    """The default model plus per-request models, the four requests, and fair scheduling. Thread-safe.
+
+    concurrency: requests computing on the model at once (workers). max_active: requests started at once (each
+    holds its cache while waiting for its next turn; default 4 per worker): the UI's queue should let this many
+    requests reach the service. slice_s: how long one request computes before the next waiting one gets a turn.
+    """
 
     def __init__(self, reference: str | None = None, *, manager=None, output_dir: str | Path | None = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, concurrency: int = 1, max_active: int | None = None,
+                 slice_s: float = 0.1, heartbeat_s: float = 0.25):
         from .manager import BUILTIN_MODEL_DIR, ModelManager
 
         self.manager = manager or ModelManager(device=device, dtype=dtype)
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="dalle_app_"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.scheduler = Scheduler(concurrency, max_active, slice_s)
+        self.heartbeat_s = heartbeat_s
         self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.default_reference = ""
         self.model = None
-        self.load(reference or str(BUILTIN_MODEL_DIR))
+        self.set_default(reference or str(BUILTIN_MODEL_DIR))
+
+    @property
+    def concurrency(self) -> int:
+        """Requests computing at once (workers)."""
+        return self.scheduler.workers
+
+    @property
+    def max_active(self) -> int:
+        """Requests the service interleaves at once; the UI's Gradio concurrency limit should equal this."""
+        return self.scheduler.max_active
+
+    # ------------------------------------------------------------------------------------------- models
+
+    def get_model(self, reference: str | None = None):
+        """The LoadedModel for `reference` (catalog name, Hub reference or local path; None = the default)."""
+        if reference is None or not str(reference).strip():
+            return self.model
+        from .manager import Catalog
+
+        reference = Catalog().get(str(reference).strip())
+        with self._lock:
+            if reference == self.default_reference:
+                return self.model
+        return self.manager.load(reference)
 
     def load(self, reference: str) -> dict:
-        """Load (or switch to) a model; returns its info card. Raises ModelLoadError/ValueError with one sentence."""
+        """Load a model (or take it from the cache) and return its info card; the default model is unchanged.
+
+        Raises ModelLoadError / RequestError with one sentence."""
         if not reference or not str(reference).strip():
             raise RequestError("No model was given; choose a catalog model or enter a Hub reference or local path.")
-        model = self.manager.load(str(reference).strip())
+        return self.get_model(reference).info()
+
+    def set_default(self, reference: str) -> dict:
+        """Make `reference` the model used by requests that name none; returns its info card."""
+        if not reference or not str(reference).strip():
+            raise RequestError("No model was given; choose a catalog model or enter a Hub reference or local path.")
+        from .manager import Catalog
+
+        reference = Catalog().get(str(reference).strip())
+        model = self.manager.load(reference)
         with self._lock:
-            self.model = model
+            self.model, self.default_reference = model, reference
         return model.info()
 
     # ------------------------------------------------------------------------------------------- helpers
 
-    def _tokenize(self, prompt: str, length: int | None = None, allow_empty: bool = False):
-        model = self.model
+    def _tokenize(self, m, prompt: str, length: int | None = None, allow_empty: bool = False):
         prompt = (prompt or "").strip()
         if not prompt and not allow_empty:
             raise RequestError("The prompt is empty; type a description such as 'a red circle on a blue background'.")
-        length = length or model.dalle.text_seq_len
+        length = length or m.dalle.text_seq_len
         notes = []
         try:
-            text = model.tokenizer.tokenize([prompt], length)
+            text = m.tokenizer.tokenize([prompt], length)
         except ValueError:
-            text = model.tokenizer.tokenize([prompt], length, truncate_text=True)
-            kept = model.tokenizer.decode(text[0].tolist())
+            text = m.tokenizer.tokenize([prompt], length, truncate_text=True)
+            kept = m.tokenizer.decode(text[0].tolist())
             notes.append(f"The prompt was cut to the model's {length} text tokens: '{kept}'.")
         return text, notes
 
-    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _decode(m, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (b, I) -> images (b, c, s, s) in [0, 1]."""
-        vae = self.model.vae
+        vae = m.vae
         with torch.no_grad():
-            out = vae.decode(ids.to(self.model.device))
+            out = vae.decode(ids.to(m.device))
             out = vae.to_unit_range(out) if hasattr(vae, "to_unit_range") else out.clamp(0, 1)
         return out.float().cpu()
 
-    def _preview(self, partial: torch.Tensor) -> list:
+    def _preview(self, partial: torch.Tensor, m=None) -> list:
         """Decode the finished token rows of `partial` (b, done); blank the rest of each picture."""
-        model = self.model
-        side, size, done = model.image_fmap_size, model.image_size, partial.shape[1]
-        full = torch.zeros(partial.shape[0], model.image_tokens, dtype=torch.long)
+        m = m or self.model
+        side, size, done = m.image_fmap_size, m.image_size, partial.shape[1]
+        full = torch.zeros(partial.shape[0], m.image_tokens, dtype=torch.long)
         full[:, :done] = partial.cpu()
-        images = self._decode(full)
-        rows_px = (done // side) * size // side
-        images[:, :, rows_px:] = 0.9
+        images = self._decode(m, full)
+        images[:, :, (done // side) * size // side:] = 0.9
         return to_pil(images)
 
-    def _encode(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _encode(m, image) -> tuple[torch.Tensor, torch.Tensor]:
         """A user image -> (the image as the VAE sees it (1, 3, s, s) in [0, 1], its token ids (1, I))."""
         pil = load_image(image)
-        size = self.model.image_size
+        size = m.image_size
         w, h = pil.size
         side = min(w, h)
         pil = pil.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
         pil = pil.resize((size, size), resample=3)
         x = torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255
         with torch.no_grad():
-            ids = self.model.vae.get_codebook_indices(x.to(self.model.device, self.model.dtype))
+            ids = m.vae.get_codebook_indices(x.to(m.device, m.dtype))
         return x, ids.cpu()
 
-    def _parameters(self, kind: str, prompt: str, seed, settings: dict) -> dict:
-        model = self.model
-        commit = next((f.commit or f.revision for f in model.files if getattr(f, "commit", None) or
+    @staticmethod
+    def _parameters(m, kind: str, prompt: str, seed, settings: dict) -> dict:
+        commit = next((f.commit or f.revision for f in m.files if getattr(f, "commit", None) or
                        getattr(f, "revision", None)), None)
-        return {"app": "dalle_app", "kind": kind, "model": model.reference, "revision": commit, "prompt": prompt,
+        return {"app": "dalle_app", "kind": kind, "model": m.reference, "revision": commit, "prompt": prompt,
                 "seed": seed, "settings": settings}
 
-    def _write(self, images, kind, prompt, seeds, settings) -> list[str]:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+    def _write(self, m, images, kind, prompt, seeds, settings, names=None) -> list[str]:
+        """Save PNGs named time-request-kind-index-seed (the request id keeps concurrent requests apart)."""
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._ids):04d}{uuid.uuid4().hex[:4]}-{kind}"
         files = []
         for i, (image, seed) in enumerate(zip(images, seeds)):
-            path = self.output_dir / f"{stamp}-{kind}-{i:02d}-{seed}.png"
-            files.append(save_png(image, path, self._parameters(kind, prompt, seed, settings)))
+            name = f"{stem}-{names[i]}" if names else f"{stem}-{i:02d}-seed{seed}"
+            files.append(save_png(image, self.output_dir / f"{name}.png",
+                                  self._parameters(m, kind, prompt, seed, settings)))
         return files
 
-    def _sample(self, text, options, seeds, should_stop, prime_ids=None, keep_mask=None) -> Iterator[Update]:
-        """Run the engine in a thread; yield preview Updates, finally ("result", ImageTokens)."""
-        model = self.model
-        side = model.image_fmap_size
-        every = side * max(1, side // 8)
-        for item in _stream(generate_image_tokens, dalle=model.dalle, text=text.repeat(len(seeds), 1),
-                            options=options, seeds=seeds, prime_ids=prime_ids, keep_mask=keep_mask,
-                            progress_every=every, should_stop=should_stop):
-            if isinstance(item, tuple):
-                yield item
-            else:
-                yield Update(images=self._preview(item.image_ids), fraction=item.done / item.total,
-                             progress_text=_eta_text(item.done, item.total, item.elapsed))
+    def _turns(self, work: Callable, should_stop: Callable[[], bool] | None) -> Iterator:
+        """Run work(emit, stop) in its own thread inside a scheduler turn; yield its Updates (keep-alives while
+        nothing happens) and finally ("result", value). Closing this generator cancels the work."""
+        ticket = self.scheduler.ticket()
+        user_stop = should_stop or (lambda: False)
 
-    def _rerank(self, prompt: str, images: torch.Tensor) -> list[float]:
-        clip = self.model.clip
-        text, _ = self._tokenize(prompt, clip.text_seq_len)
-        pixels = images.to(self.model.device, self.model.dtype)
+        def stop() -> bool:
+            return ticket.pause_point() or bool(user_stop())
+
+        def job(emit):
+            with ticket:
+                return work(emit, stop)
+
+        last_text = "waiting for the model"
+        try:
+            for item in run_in_thread(job, self.heartbeat_s):
+                if item is None:
+                    ahead = ticket.position()
+                    text = last_text if ahead is None else (
+                        f"waiting for the model ({ahead} request{'s' if ahead != 1 else ''} ahead)")
+                    yield Update(progress_text=text, waiting=True)
+                elif isinstance(item, Update):
+                    last_text = item.progress_text or last_text
+                    yield item
+                else:
+                    yield item
+        except Cancelled:
+            return
+        finally:
+            ticket.cancel()  # no-op when finished; stops the work when the consumer went away
+
+    def _sample(self, m, text, options, seeds, should_stop, prime_ids=None, keep_mask=None, finish=None
+                ) -> Iterator:
+        """Sample image tokens (chunked retry on out-of-memory) with previews; yield Updates, finally
+        ("result", (ImageTokens, finish(result) or None)). `finish` runs inside the turn (decoding, reranking)."""
+        side, total, n = m.image_fmap_size, m.image_tokens, len(seeds)
+        every = side * max(1, side // 8)
+        index = {s: i for i, s in enumerate(seeds)}
+
+        def work(emit, stop):
+            finished: dict[int, list] = {}  # first row of a finished chunk -> its images (after an OOM split)
+
+            def chunk(dalle, text_rows, opts, *, seeds, progress=None, **kwargs):
+                lo = index[seeds[0]]
+                rows = len(seeds)
+                if lo == 0:  # a new pass (the first, or a retry in smaller chunks)
+                    finished.clear()
+
+                def report(p):
+                    shown = [img for start in sorted(finished) if start < lo for img in finished[start]]
+                    shown += self._preview(p.image_ids, m)
+                    shown += [Image.new("RGB", (m.image_size,) * 2, (230, 230, 230))] * (n - lo - rows)
+                    rate = p.tokens_per_second
+                    left = ((n - lo - rows) * total / max(rows, 1) + (total - p.done)) / rate if rate > 0 else None
+                    emit(Update(images=shown, fraction=(lo * total + rows * p.done) / (n * total),
+                                progress_text=_eta_text(p.done, p.total, p.elapsed), tokens_per_s=round(rate, 1),
+                                eta_s=round(left, 1) if left is not None else None))
+
+                result = generate_image_tokens(dalle, text_rows, opts, seeds=seeds, progress=report, **kwargs)
+                if result.completed and n > rows:
+                    finished[lo] = to_pil(self._decode(m, result.image_ids))
+                return result
+
+            result = generate_in_chunks(m.dalle, text.repeat(n, 1), options, seeds=seeds, generate=chunk,
+                                        prime_ids=prime_ids, keep_mask=keep_mask, progress_every=every,
+                                        should_stop=stop)
+            return result, (finish(result) if finish else None)
+
+        try:
+            yield from self._turns(work, should_stop)
+        except MemoryError as err:
+            raise OutOfMemory(str(err)) from None
+
+    def _rerank(self, m, prompt: str, images: torch.Tensor) -> list[float]:
+        clip = m.clip
+        text, _ = self._tokenize(m, prompt, clip.text_seq_len)
+        pixels = images.to(m.device, m.dtype)
         if pixels.shape[-1] != clip.image_size:
             pixels = F.interpolate(pixels, size=clip.image_size, mode="bilinear", align_corners=False)
         with torch.no_grad():
-            scores = clip(text.to(self.model.device).repeat(len(images), 1), pixels, return_loss=False)
+            scores = clip(text.to(m.device).repeat(len(images), 1), pixels, return_loss=False)
         return [float(s) for s in scores.float().flatten()]
 
     # ------------------------------------------------------------------------------------------- requests
 
     def text_to_image(self, prompt: str, num_images=4, temperature=1.0, top_k=64, cond_scale=1.0, seed=-1, *,
-                      rerank_keep: int = 0, should_stop: Callable[[], bool] | None = None) -> Iterator[Update]:
+                      top_p=None, model: str | None = None, rerank_keep: int = 0,
+                      should_stop: Callable[[], bool] | None = None) -> Iterator[Update]:
         """Generate `num_images` images for `prompt`; with rerank_keep=M > 0 keep CLIP's best M of them."""
-        count, options, seed = validate_sampling(num_images, temperature, top_k, cond_scale, seed)
+        count, options, seed = validate_sampling(num_images, temperature, top_k, cond_scale, seed, top_p=top_p)
+        m = self.get_model(model)
         rerank_keep = int(rerank_keep or 0)
-        if rerank_keep and self.model.clip is None:
+        if rerank_keep and m.clip is None:
             raise RequestError("This model has no CLIP reranker; turn reranking off.")
         if rerank_keep and not 1 <= rerank_keep <= count:
             raise RequestError(f"Keep-best must be between 1 and the number of images ({count}), got {rerank_keep}.")
-        text, notes = self._tokenize(prompt)
+        text, notes = self._tokenize(m, prompt)
         seeds = resolve_seeds(seed, count)
         settings = {"num_images": count, "temperature": options.temperature, "top_k": options.top_k,
-                    "cond_scale": options.cond_scale, "rerank_keep": rerank_keep}
-        yield from self._finish_images("text_to_image", prompt, text, options, seeds, settings, notes, should_stop,
-                                       rerank_keep=rerank_keep)
+                    "top_p": options.top_p, "cond_scale": options.cond_scale, "rerank_keep": rerank_keep}
+        yield from self._finish_images(m, "text_to_image", prompt, text, options, seeds, settings, notes,
+                                       should_stop, rerank_keep=rerank_keep)
 
-    def _finish_images(self, kind, prompt, text, options, seeds, settings, notes, should_stop, rerank_keep=0,
+    def _finish_images(self, m, kind, prompt, text, options, seeds, settings, notes, should_stop, rerank_keep=0,
                        prime_ids=None, keep_mask=None) -> Iterator[Update]:
-        result = None
-        for item in self._sample(text, options, seeds, should_stop, prime_ids, keep_mask):
+        def finish(result):  # inside the turn: decode (and rerank) the finished tokens
+            if not result.completed:
+                return self._preview(result.image_ids, m), None
+            images = self._decode(m, result.image_ids)
+            if not rerank_keep:
+                return to_pil(images), None
+            scores = self._rerank(m, prompt, images)
+            order = sorted(range(len(scores)), key=lambda i: -scores[i])[:rerank_keep]
+            return to_pil(images[order]), (order, [round(scores[i], 4) for i in order])
+
+        output = None
+        for item in self._sample(m, text, options, seeds, should_stop, prime_ids, keep_mask, finish):
             if isinstance(item, tuple):
-                result = item[1]
+                output = item[1]
             else:
                 yield item
-        ids, used = result.image_ids, list(result.seeds)
-        info = {"seeds": used, "seconds": round(result.seconds, 3), "completed": result.completed,
-                "tokens_per_second": round(ids.shape[1] / result.seconds, 1) if result.seconds > 0 else None,
-                "notes": notes + list(result.notes)}
-        if result.completed:
-            images = self._decode(ids)
-            if rerank_keep:
-                scores = self._rerank(prompt, images)
-                order = sorted(range(len(scores)), key=lambda i: -scores[i])[:rerank_keep]
-                images, used = images[order], [used[i] for i in order]
-                info["clip_scores"] = [round(scores[i], 4) for i in order]
-                info["seeds"] = used
-            pil = to_pil(images)
-        else:
-            pil = self._preview(ids)
-            info["notes"].append(f"Stopped after {ids.shape[1]} of {self.model.image_tokens} tokens; "
+        if output is None:  # cancelled: nobody is listening any more
+            return
+        result, (pil, ranked) = output
+        used = list(result.seeds)
+        info = {"seeds": used, "model": m.reference, "seconds": round(result.seconds, 3),
+                "completed": result.completed,
+                "tokens_per_second": round(result.image_ids.shape[1] / result.seconds, 1) if result.seconds > 0
+                else None, "notes": notes + list(result.notes)}
+        if ranked:
+            used = [used[i] for i in ranked[0]]
+            info["clip_scores"], info["seeds"] = ranked[1], used
+        if not result.completed:
+            info["notes"].append(f"Stopped after {result.image_ids.shape[1]} of {m.image_tokens} tokens; "
                                  "the images are partial.")
-        files = self._write(pil, kind, prompt, used, {**settings, "completed": result.completed})
+        files = self._write(m, pil, kind, prompt, used, {**settings, "completed": result.completed})
         yield Update(images=pil, files=files, info=info, fraction=1.0, done=True,
+                     tokens_per_s=info["tokens_per_second"] or 0.0, eta_s=0.0,
                      progress_text=f"done in {result.seconds:.1f} s" if result.completed else "stopped")
 
-    def keep_mask(self, keep_rows, box=None) -> torch.Tensor:
+    def keep_mask(self, keep_rows, box=None, *, model: str | None = None) -> torch.Tensor:
         """(I,) bool: the first `keep_rows` token rows, plus the cells inside `box` = (left, top, right, bottom)
         given as fractions of the image in [0, 1]."""
-        side = self.model.image_fmap_size
+        side = self.get_model(model).image_fmap_size
         rows = _number_rows(keep_rows, side)
         mask = torch.zeros(side, side, dtype=torch.bool)
         mask[:rows] = True
@@ -205,59 +337,89 @@ class Service:
         return mask.flatten()
 
     def prime_image(self, image, prompt: str, keep_rows=4, num_images=4, temperature=1.0, top_k=64, cond_scale=1.0,
-                    seed=-1, *, box=None, should_stop: Callable[[], bool] | None = None) -> Iterator[Update]:
+                    seed=-1, *, top_p=None, model: str | None = None, box=None,
+                    should_stop: Callable[[], bool] | None = None) -> Iterator[Update]:
         """Keep part of `image` (top rows and/or a box, in token cells) and let the model complete the rest.
 
         The first update's images are [the kept part]; completions follow as previews."""
-        count, options, seed = validate_sampling(num_images, temperature, top_k, cond_scale, seed)
-        text, notes = self._tokenize(prompt)
-        pixels, ids = self._encode(image)
-        mask = self.keep_mask(keep_rows, box)
-        side, size = self.model.image_fmap_size, self.model.image_size
+        count, options, seed = validate_sampling(num_images, temperature, top_k, cond_scale, seed, top_p=top_p)
+        m = self.get_model(model)
+        text, notes = self._tokenize(m, prompt)
+        mask = self.keep_mask(keep_rows, box, model=model)
+        pixels, ids = self._encode(m, image)
+        side, size = m.image_fmap_size, m.image_size
         cell_mask = mask.reshape(side, side).float()[None, None]
         shown = pixels * (0.35 + 0.65 * F.interpolate(cell_mask, size=size, mode="nearest"))
         yield Update(images=to_pil(shown), progress_text="kept part")
         seeds = resolve_seeds(seed, count)
         settings = {"num_images": count, "temperature": options.temperature, "top_k": options.top_k,
-                    "cond_scale": options.cond_scale, "keep_rows": int(keep_rows),
+                    "top_p": options.top_p, "cond_scale": options.cond_scale, "keep_rows": int(keep_rows),
                     "box": list(box) if box is not None else None}
-        yield from self._finish_images("prime_image", prompt, text, options, seeds, settings, notes, should_stop,
+        yield from self._finish_images(m, "prime_image", prompt, text, options, seeds, settings, notes, should_stop,
                                        prime_ids=ids.repeat(count, 1), keep_mask=mask)
 
-    def reconstruct(self, image) -> Iterator[Update]:
+    def reconstruct(self, image, *, model: str | None = None) -> Iterator[Update]:
         """Encode and decode `image` with the VAE: [resized input, reconstruction, token grid], usage and PSNR."""
-        start = time.perf_counter()
-        pixels, ids = self._encode(image)
-        recon = self._decode(ids)
-        size = self.model.image_size
-        num_tokens = int(getattr(self.model.vae, "num_tokens", 0)) or None
+        m = self.get_model(model)
+        load_image(image)  # a clear error before waiting for a turn
+
+        def work(emit, stop):
+            start = time.perf_counter()
+            pixels, ids = self._encode(m, image)
+            return pixels, ids, self._decode(m, ids), time.perf_counter() - start
+
+        out = None
+        for item in self._turns(work, None):
+            if isinstance(item, tuple):
+                out = item[1]
+            else:
+                yield item
+        if out is None:
+            return
+        pixels, ids, recon, seconds = out
+        size = m.image_size
+        num_tokens = int(getattr(m.vae, "num_tokens", 0)) or None
         used = int(ids.unique().numel())
         pictures = to_pil(pixels) + to_pil(recon) + [token_grid_picture(ids[0], size)]
         info = {"psnr_db": round(psnr(pixels, recon), 2), "codebook_used": used, "codebook_size": num_tokens,
-                "codebook_usage": round(used / num_tokens, 4) if num_tokens else None,
-                "tokens": int(ids.numel()), "image_size": size, "seconds": round(time.perf_counter() - start, 3),
-                "seeds": []}
-        files = self._write(pictures, "reconstruct", "", [None, None, None],
-                            {"part": ["input", "reconstruction", "token_grid"]})
+                "codebook_usage": round(used / num_tokens, 4) if num_tokens else None, "model": m.reference,
+                "tokens": int(ids.numel()), "image_size": size, "seconds": round(seconds, 3), "seeds": []}
+        parts = ["input", "reconstruction", "token_grid"]
+        files = self._write(m, pictures, "reconstruct", "", [None] * 3, {"part": parts}, names=parts)
         yield Update(images=pictures, files=files, info=info, done=True, fraction=1.0,
                      progress_text=f"PSNR {info['psnr_db']} dB · {used} codes used")
 
-    def complete_text(self, prompt: str, num_completions=4, temperature=1.0, top_k=64, seed=-1) -> Iterator[Update]:
-        """Continue `prompt` (may be empty) `num_completions` times with the model's text head."""
-        count, options, seed = validate_sampling(num_completions, temperature, top_k, 1.0, seed,
+    def complete_text(self, prompt: str, num_completions=4, temperature=1.0, top_k=64, seed=-1, *, top_p=None,
+                      model: str | None = None, should_stop: Callable[[], bool] | None = None) -> Iterator[Update]:
+        """Continue `prompt` (may be empty) `num_completions` times with the model's text head.
+
+        Text completion is short (at most the model's text length): it runs in one turn; should_stop is accepted
+        for symmetry with the image requests."""
+        count, options, seed = validate_sampling(num_completions, temperature, top_k, 1.0, seed, top_p=top_p,
                                                  name="Number of completions")
-        text, notes = self._tokenize(prompt, allow_empty=True)
+        m = self.get_model(model)
+        text, notes = self._tokenize(m, prompt, allow_empty=True)
         prefix = [t for t in text[0].tolist() if t != 0]
         seeds = resolve_seeds(seed, count)
-        start = time.perf_counter()
-        result = engine_complete_text(self.model.dalle, [prefix] * count, options, seeds=seeds)
-        dalle = self.model.dalle
-        pad = set(range(dalle.vocab_text, dalle.num_text_tokens))
-        texts = [self.model.tokenizer.decode(row.tolist(), pad_tokens=pad) for row in result.token_ids.cpu()]
-        seconds = time.perf_counter() - start
+
+        def work(emit, stop):
+            start = time.perf_counter()
+            return engine_complete_text(m.dalle, [prefix] * count, options, seeds=seeds), time.perf_counter() - start
+
+        out = None
+        for item in self._turns(work, should_stop):
+            if isinstance(item, tuple):
+                out = item[1]
+            else:
+                yield item
+        if out is None:
+            return
+        result, seconds = out
+        pad = set(range(m.dalle.vocab_text, m.dalle.num_text_tokens))
+        texts = [m.tokenizer.decode(row.tolist(), pad_tokens=pad) for row in result.token_ids.cpu()]
         yield Update(texts=texts, done=True, fraction=1.0, progress_text=f"done in {seconds:.1f} s",
                      info={"seeds": list(result.seeds), "seconds": round(seconds, 3), "notes": notes,
-                           "completions": texts})
+                           "completions": texts, "model": m.reference, "top_p": options.top_p})
 
 
 def _number_rows(keep_rows, side: int) -> int:
@@ -268,4 +430,3 @@ def _number_rows(keep_rows, side: int) -> int:
     if rows != int(rows) or not 0 <= rows <= side:
         raise RequestError(f"Rows to keep must be a whole number between 0 and {side}, got {keep_rows}.")
     return int(rows)
-

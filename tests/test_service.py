@@ -27,11 +27,14 @@ def _last(updates):
 
 
 def test_text_to_image_writes_pngs_with_parameters_and_consecutive_seeds(service):
-    updates = list(service.text_to_image("a red circle", num_images=3, temperature=0.8, top_k=10, seed=7))
+    updates = [u for u in service.text_to_image("a red circle", num_images=3, temperature=0.8, top_k=10, seed=7)
+               if not u.waiting]
     previews, last = updates[:-1], updates[-1]
     assert last.done and last.info["seeds"] == [7, 8, 9] and len(last.files) == 3
     assert previews and all(not u.done and len(u.images) == 3 for u in previews)
-    assert "tokens/s" in previews[0].progress_text
+    assert "tokens/s" in previews[0].progress_text and previews[0].tokens_per_s > 0
+    assert all(0 < u.fraction <= 1 and u.eta_s is not None and u.eta_s >= 0 for u in previews)
+    assert [u.fraction for u in previews] == sorted(u.fraction for u in previews)
     params = read_parameters(last.files[1])
     assert params["prompt"] == "a red circle" and params["seed"] == 8
     assert params["settings"]["temperature"] == 0.8 and params["settings"]["top_k"] == 10
@@ -86,7 +89,8 @@ def test_rerank_keeps_best_by_clip(service):
 
 def test_prime_keeps_top_rows_and_box(service, tmp_path):
     source = _last(service.text_to_image("a red circle", 1, seed=0)).files[0]
-    updates = list(service.prime_image(source, "a red circle", keep_rows=3, num_images=2, seed=0, box=(0.5, 0.5, 1, 1)))
+    updates = [u for u in service.prime_image(source, "a red circle", keep_rows=3, num_images=2, seed=0,
+                                              box=(0.5, 0.5, 1, 1)) if not u.waiting]
     assert updates[0].progress_text == "kept part" and updates[-1].info["seeds"] == [0, 1]
     side = service.model.image_fmap_size
     mask = service.keep_mask(3, (0.5, 0.5, 1, 1)).reshape(side, side)
@@ -125,3 +129,41 @@ def test_read_parameters_refuses_plain_png(tmp_path):
 def test_validate_sampling_top_k_zero_means_all():
     count, options, seed = validate_sampling(2, 1.0, 0, 3.0, 5)
     assert count == 2 and options.top_k is None and options.cond_scale == 3.0 and seed == 5
+
+
+def test_top_p_is_validated_used_and_saved(service):
+    for bad in (0, -0.1, 1.5, "x", float("nan")):
+        with pytest.raises(RequestError, match="Top-p"):
+            next(service.text_to_image("a red circle", 1, seed=0, top_p=bad))
+    assert validate_sampling(1, 1.0, 0, 1.0, 0, top_p=1)[1].top_p is None  # 1 = off
+    assert validate_sampling(1, 1.0, 0, 1.0, 0, top_p=None)[1].top_p is None
+    nucleus = _last(service.text_to_image("a red circle", 2, top_k=0, seed=11, top_p=1e-6))
+    assert read_parameters(nucleus.files[0])["settings"]["top_p"] == 1e-6
+    greedy = _last(service.text_to_image("a red circle", 2, top_k=1, seed=12))
+    # a tiny top_p keeps only the most likely code at every step: the same as top_k=1 whatever the seed
+    assert list(Image.open(nucleus.files[0]).getdata()) == list(Image.open(greedy.files[0]).getdata())
+    assert _last(service.complete_text("a red", 1, seed=0, top_p=0.5)).info["top_p"] == 0.5
+
+
+def test_reconstruction_files_are_named_by_part(service):
+    last = _last(service.reconstruct(Image.new("RGB", (32, 32), (0, 90, 200))))
+    names = [Path(f).name for f in last.files]
+    assert [n.rsplit("-", 1)[1] for n in names] == ["input.png", "reconstruction.png", "token_grid.png"]
+    assert not any("None" in n for n in names)
+
+
+def test_each_request_chooses_its_model_without_changing_the_default(service, tmp_path_factory):
+    root = Path(service.manager.allowed_roots[0])
+    other = make_tiny_model(root / "other", seed=1)
+    default = service.default_reference
+    card = service.load(str(other))
+    assert card["reference"] and service.default_reference == default and service.model.reference != card["reference"]
+    loads = service.manager.loads
+    mine = _last(service.text_to_image("a red circle", 1, seed=3, model=str(other)))
+    theirs = _last(service.text_to_image("a red circle", 1, seed=3))
+    assert service.manager.loads == loads  # served from the manager's cache
+    assert read_parameters(mine.files[0])["model"] == card["reference"] == mine.info["model"]
+    assert read_parameters(theirs.files[0])["model"] == service.model.reference
+    assert list(Image.open(mine.files[0]).getdata()) != list(Image.open(theirs.files[0]).getdata())
+    assert _last(service.reconstruct(Image.new("RGB", (8, 8)), model=str(other))).info["model"] == card["reference"]
+    assert _last(service.complete_text("a red", 1, seed=0, model=str(other))).info["model"] == card["reference"]
