@@ -1,0 +1,222 @@
+"""The UI's event handlers, kept apart from the layout so they can be unit-tested with any service object.
+
+Each handler turns the service's stream of `Update`s into the values of the tab's output components. The model a
+session uses is a reference string held in that session's gr.State (None = the service's default model) and passed
+to every request as `model=`; switching models in one browser never changes another's.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from contextlib import closing
+
+import gradio as gr
+
+from ..service import RequestError, read_parameters
+
+
+def error(exc: Exception) -> gr.Error:
+    """A one-sentence gr.Error (never a traceback)."""
+    from ..manager import ModelLoadError
+
+    message = str(exc).strip()
+    if isinstance(exc, (RequestError, ModelLoadError, ValueError, FileNotFoundError)):
+        return gr.Error(message.splitlines()[0] if message else type(exc).__name__)
+    return gr.Error(f"The request failed ({type(exc).__name__}: {message.splitlines()[0] if message else ''}).")
+
+
+def top_p_value(top_p) -> float | None:
+    """The slider's top-p as the service takes it: None (off) at 1 or when empty."""
+    if top_p in (None, ""):
+        return None
+    top_p = float(top_p)
+    return None if top_p >= 1.0 else top_p
+
+
+def progress_html(update=None, *, idle: str = "") -> str:
+    """A progress bar (HTML) for one Update: the fraction done, tokens/s and the time left."""
+    if update is None:
+        return f'<div class="dalle-progress idle">{html.escape(idle)}</div>' if idle else ""
+    fraction = min(1.0, max(0.0, float(getattr(update, "fraction", 0.0) or 0.0)))
+    rate = getattr(update, "tokens_per_s", None)
+    eta = getattr(update, "eta_s", None)
+    parts = [f"{fraction:.0%}"]
+    if getattr(update, "done", False) or getattr(update, "waiting", False):
+        parts = [getattr(update, "progress_text", "") or ("done" if update.done else "waiting for a turn")]
+    else:
+        if rate:
+            parts.append(f"{rate:.0f} tokens/s")
+        if eta is not None and math.isfinite(eta):
+            parts.append(f"{eta:.1f} s left")
+        text = getattr(update, "progress_text", "")
+        if len(parts) == 1 and text:  # a service without rate fields: its own text says the same
+            parts = [f"{fraction:.0%}", text]
+    label = html.escape(" · ".join(parts))
+    return (f'<div class="dalle-progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" '
+            f'aria-valuenow="{fraction * 100:.0f}" style="position:relative;height:1.6em;border-radius:6px;'
+            f'background:var(--neutral-200,#e5e7eb);overflow:hidden;margin:4px 0">'
+            f'<div class="dalle-progress-fill" style="width:{fraction * 100:.1f}%;height:100%;'
+            f'background:var(--color-accent,#f97316);transition:width .2s"></div>'
+            f'<span style="position:absolute;inset:0;display:flex;align-items:center;justify-content:center;'
+            f'font-size:.85em;color:var(--body-text-color,#111)">{label}</span></div>')
+
+
+def _shown(update):
+    """The gallery value of an update: the written PNGs (with their parameters) once done, else the previews;
+    a keep-alive while waiting for a turn leaves the gallery as it is."""
+    if getattr(update, "waiting", False) or not (update.images or update.files):
+        return gr.skip()
+    return update.files if update.done and update.files else update.images
+
+
+def _stream(start, shown):
+    """Yield shown(update) for each update of the request `start()`, with one-sentence errors. When the handler is
+    abandoned (its browser tab closed), the request is closed too, so it gives up its turn on the model at once."""
+    try:
+        updates = start()
+    except Exception as exc:  # noqa: BLE001
+        raise error(exc) from None
+    with closing(updates):
+        try:
+            for u in updates:
+                yield shown(u)
+        except Exception as exc:  # noqa: BLE001
+            raise error(exc) from None
+
+
+def _pick(gallery, index) -> str | None:
+    """The file of gallery item `index` (the first when nothing is selected); None for an empty gallery."""
+    items = list(gallery or [])
+    if not items:
+        return None
+    index = index if isinstance(index, int) and 0 <= index < len(items) else 0
+    item = items[index]
+    if isinstance(item, (tuple, list)):
+        item = item[0]
+    if isinstance(item, dict):
+        item = item.get("path") or (item.get("image") or {}).get("path")
+    return getattr(item, "path", item)
+
+
+class Handlers:
+    """The handlers of one app; `service` provides text_to_image, prime_image, reconstruct, complete_text, load."""
+
+    def __init__(self, service):
+        self.service = service
+        self._stop: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------------------------------- stopping
+
+    @staticmethod
+    def _key(request) -> str:
+        return getattr(request, "session_hash", None) or "default"
+
+    def _should_stop(self, request):
+        key = self._key(request)
+        self._stop[key] = False
+        return lambda: self._stop.get(key, False)
+
+    def stop(self, request: gr.Request = None):
+        """Ask this session's running request to stop (it returns its partial result)."""
+        self._stop[self._key(request)] = True
+        return progress_html(idle="stopping...")
+
+    # ------------------------------------------------------------------------------------------- tabs
+
+    def text_to_image(self, model, prompt, num_images, temperature, top_k, top_p, cond_scale, seed, rerank, keep,
+                      request: gr.Request = None):
+        """Stream (gallery, progress bar, info, last seed) while the images are sampled."""
+        def shown(u):
+            seeds = u.info.get("seeds") if u.done else None
+            return _shown(u), progress_html(u), u.info if u.done else gr.skip(), seeds[0] if seeds else gr.skip()
+
+        yield from _stream(lambda: self.service.text_to_image(
+            prompt, num_images, temperature, top_k, cond_scale, seed, top_p=top_p_value(top_p), model=model or None,
+            rerank_keep=int(keep) if rerank else 0, should_stop=self._should_stop(request)), shown)
+
+    def prime_image(self, model, image, prompt, keep_rows, use_box, left, top, right, bottom, num_images,
+                    temperature, top_k, top_p, cond_scale, seed, request: gr.Request = None):
+        """Stream (completions, progress bar, info, kept part); the service's first update is the kept part."""
+        box = (left, top, right, bottom) if use_box else None
+        first = [True]
+
+        def shown(u):
+            if first[0] and u.images and not u.done:
+                first[0] = False
+                return gr.skip(), progress_html(u), gr.skip(), u.images[0]
+            return _shown(u), progress_html(u), u.info if u.done else gr.skip(), gr.skip()
+
+        yield from _stream(lambda: self.service.prime_image(
+            image, prompt, keep_rows, num_images, temperature, top_k, cond_scale, seed, top_p=top_p_value(top_p),
+            model=model or None, box=box, should_stop=self._should_stop(request)), shown)
+
+    def reconstruct(self, model, image):
+        """(input as the VAE sees it, reconstruction, token grid) and the PSNR/codebook info."""
+        last = self._last(self.service.reconstruct(image, model=model or None))
+        return last.files, last.info
+
+    def complete_text(self, model, prompt, num_completions, temperature, top_k, top_p, seed,
+                      request: gr.Request = None):
+        """Stream (completions text, progress bar, info)."""
+        def shown(u):
+            return "\n".join(u.texts) if u.texts else gr.skip(), progress_html(u), u.info if u.done else gr.skip()
+
+        yield from _stream(lambda: self.service.complete_text(
+            prompt, num_completions, temperature, top_k, seed, top_p=top_p_value(top_p), model=model or None,
+            should_stop=self._should_stop(request)), shown)
+
+    @staticmethod
+    def _last(updates):
+        last = None
+        try:
+            for last in updates:
+                pass
+        except Exception as exc:  # noqa: BLE001
+            raise error(exc) from None
+        return last
+
+    # ------------------------------------------------------------------------------------------- model panel
+
+    def load_model(self, choice, reference):
+        """Load the chosen model for this session only: (its card, the session's model reference, the rerank
+        checkbox and the rows-to-keep slider fitted to the model)."""
+        from ..manager import Catalog
+
+        try:
+            ref = (reference or "").strip() or Catalog().get(choice or "")
+            if not ref:
+                raise RequestError("No model was given; choose a catalog model or enter a Hub reference or local path.")
+            card = self.service.load(ref)
+        except Exception as exc:  # noqa: BLE001
+            raise error(exc) from None
+        side = (card.get("image") or {}).get("fmap_size") or 16
+        has_clip = bool(card.get("clip"))
+        return (card, ref, gr.Checkbox(interactive=has_clip) if has_clip else gr.Checkbox(interactive=False, value=False),
+                gr.Slider(maximum=side, value=side // 2))
+
+    # ------------------------------------------------------------------------------------------- small controls
+
+    @staticmethod
+    def select(evt: gr.SelectData):
+        """The index of the gallery image the user clicked."""
+        return evt.index
+
+    @staticmethod
+    def send_to_priming(gallery, index, prompt):
+        """Fill the priming tab with the selected (or first) gallery image and the prompt, and switch to it."""
+        path = _pick(gallery, index)
+        if path is None:
+            raise gr.Error("The gallery is empty; generate images first, then pick one to send.")
+        return path, prompt, gr.Tabs(selected="prime")
+
+    @staticmethod
+    def restore(file):
+        """Read a PNG's parameters back into the text-to-image controls (prompt, ..., seed) and show them."""
+        try:
+            p = read_parameters(file)
+        except Exception as exc:  # noqa: BLE001
+            raise error(exc) from None
+        s = p.get("settings", {})
+        return (p.get("prompt", ""), s.get("num_images", 4), s.get("temperature", 1.0), s.get("top_k") or 0,
+                s.get("top_p") or 1.0, s.get("cond_scale", 1.0), p.get("seed", -1), p)

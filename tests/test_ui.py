@@ -1,0 +1,178 @@
+"""Unit tests of the UI's handlers and helpers, with a recording stand-in for the service (no model, no server)."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from dalle_app.service import Update
+from dalle_app.service_utils import save_png
+from dalle_app.ui import Handlers, build_demo, build_examples, progress_html, top_p_value
+
+
+class RecordingService:
+    """Answers like dalle_app.service.Service (same signatures) and records every call."""
+
+    default_reference = "weights/default"
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.calls = []
+
+    def load(self, reference):
+        self.calls.append(("load", reference))
+        return {"reference": reference, "image": {"fmap_size": 8}, "clip": {"params": {}} if "clip" in reference
+                else None}
+
+    def _images(self, kind, n, seed, settings):
+        images = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(n)]
+        files = [save_png(im, self.output_dir / f"{kind}-{i}.png", {"seed": seed + i, "settings": settings})
+                 for i, im in enumerate(images)]
+        yield Update(images=images, fraction=0.5, progress_text="32/64 tokens", tokens_per_s=120.0, eta_s=0.25)
+        yield Update(images=images, files=files, info={"seeds": [seed + i for i in range(n)]}, fraction=1.0,
+                     done=True, progress_text="done in 0.5 s")
+
+    def text_to_image(self, prompt, num_images=4, temperature=1.0, top_k=64, cond_scale=1.0, seed=-1, *, top_p=None,
+                      model=None, rerank_keep=0, should_stop=None):
+        self.calls.append(("text_to_image", dict(prompt=prompt, top_p=top_p, model=model, rerank_keep=rerank_keep,
+                                                  should_stop=should_stop)))
+        yield from self._images("t2i", int(num_images), int(seed), {"top_p": top_p})
+
+    def prime_image(self, image, prompt, keep_rows=4, num_images=4, temperature=1.0, top_k=64, cond_scale=1.0,
+                    seed=-1, *, top_p=None, model=None, box=None, should_stop=None):
+        self.calls.append(("prime_image", dict(image=image, top_p=top_p, model=model, box=box)))
+        yield Update(images=[Image.new("RGB", (8, 8))], progress_text="kept part")
+        yield from self._images("prime", int(num_images), int(seed), {"top_p": top_p})
+
+    def reconstruct(self, image, *, model=None):
+        self.calls.append(("reconstruct", dict(image=image, model=model)))
+        yield from list(self._images("vae", 3, 0, {}))[1:]
+
+    def complete_text(self, prompt, num_completions=4, temperature=1.0, top_k=64, seed=-1, *, top_p=None, model=None,
+                      should_stop=None):
+        self.calls.append(("complete_text", dict(prompt=prompt, top_p=top_p, model=model)))
+        yield Update(texts=[f"{prompt} circle"] * int(num_completions), done=True, fraction=1.0,
+                     info={"seeds": [seed]}, progress_text="done")
+
+
+@pytest.fixture
+def service(tmp_path):
+    return RecordingService(tmp_path)
+
+
+def session(name):
+    return SimpleNamespace(session_hash=name)
+
+
+def test_top_p_one_means_off():
+    assert top_p_value(1.0) is None and top_p_value(None) is None and top_p_value("") is None
+    assert top_p_value(0.9) == pytest.approx(0.9)
+
+
+def test_progress_bar_shows_fraction_rate_and_time_left():
+    bar = progress_html(Update(fraction=0.5, tokens_per_s=120.0, eta_s=2.5))
+    assert 'aria-valuenow="50"' in bar and "width:50.0%" in bar
+    assert "120 tokens/s" in bar and "2.5 s left" in bar
+    done = progress_html(Update(fraction=1.0, done=True, progress_text="done in 1.2 s"))
+    assert "width:100.0%" in done and "done in 1.2 s" in done and "left" not in done
+    assert progress_html() == "" and "stopping" in progress_html(idle="stopping...")
+
+
+def test_text_to_image_passes_top_p_model_and_rerank_and_ends_on_the_written_pngs(service):
+    h = Handlers(service)
+    out = list(h.text_to_image("weights/other", "a red circle", 2, 1.0, 64, 0.8, 1.0, 7, True, 1,
+                               request=session("a")))
+    call = service.calls[-1][1]
+    assert call["top_p"] == pytest.approx(0.8) and call["model"] == "weights/other" and call["rerank_keep"] == 1
+    preview, final = out
+    assert "120 tokens/s" in preview[1] and all(isinstance(im, Image.Image) for im in preview[0])
+    assert all(str(f).endswith(".png") for f in final[0]) and final[2]["seeds"] == [7, 8] and final[3] == 7
+    list(h.text_to_image(None, "a red circle", 1, 1.0, 64, 1.0, 1.0, 0, False, 1))
+    assert service.calls[-1][1]["model"] is None and service.calls[-1][1]["top_p"] is None
+    assert service.calls[-1][1]["rerank_keep"] == 0
+
+
+def test_prime_complete_and_reconstruct_use_the_session_model(service):
+    h = Handlers(service)
+    out = list(h.prime_image("m1", "in.png", "a blue square", 4, True, 0, 0.5, 0.5, 1, 2, 1.0, 64, 0.7, 1.0, 3))
+    assert service.calls[-1] == ("prime_image", {"image": "in.png", "top_p": 0.7, "model": "m1",
+                                                 "box": (0, 0.5, 0.5, 1)})
+    assert isinstance(out[0][3], Image.Image) and len(out[-1][0]) == 2  # kept part first, then completions
+    text = list(h.complete_text("m2", "a red", 2, 1.0, 64, 0.5, 4))
+    assert service.calls[-1][1] == {"prompt": "a red", "top_p": 0.5, "model": "m2"}
+    assert text[-1][0] == "a red circle\na red circle"
+    files, _ = h.reconstruct("m3", "in.png")
+    assert service.calls[-1][1]["model"] == "m3" and len(files) == 3
+
+
+def test_stop_reaches_only_the_session_that_asked(service):
+    h = Handlers(service)
+    list(h.text_to_image(None, "x", 1, 1.0, 64, 1.0, 1.0, 0, False, 1, request=session("a")))
+    stop_a = service.calls[-1][1]["should_stop"]
+    list(h.text_to_image(None, "x", 1, 1.0, 64, 1.0, 1.0, 0, False, 1, request=session("b")))
+    stop_b = service.calls[-1][1]["should_stop"]
+    h.stop(session("a"))
+    assert stop_a() is True and stop_b() is False
+
+
+def test_load_model_returns_the_card_and_the_sessions_reference(service):
+    h = Handlers(service)
+    card, ref, rerank, rows = h.load_model(None, "  weights/with-clip ")
+    assert ref == "weights/with-clip" and card["reference"] == ref and service.calls[-1] == ("load", ref)
+    assert rerank.interactive is True and rows.maximum == 8
+    _, _, rerank, _ = h.load_model(None, "weights/plain")
+    assert rerank.interactive is False and rerank.value is False
+    with pytest.raises(gr.Error, match="No model was given"):
+        h.load_model(None, "  ")
+
+
+def test_send_to_priming_picks_the_selected_image_and_switches_tab():
+    gallery = [("/tmp/a.png", None), ("/tmp/b.png", None)]
+    path, prompt, tabs = Handlers.send_to_priming(gallery, 1, "a red circle")
+    assert path == "/tmp/b.png" and prompt == "a red circle" and tabs.selected == "prime"
+    assert Handlers.send_to_priming(gallery, None, "")[0] == "/tmp/a.png"  # nothing picked: the first one
+    assert Handlers.send_to_priming(gallery, 5, "")[0] == "/tmp/a.png"  # a stale pick from a bigger gallery
+    with pytest.raises(gr.Error, match="gallery is empty"):
+        Handlers.send_to_priming([], 0, "")
+
+
+def test_restore_fills_top_p(tmp_path):
+    path = save_png(Image.new("RGB", (4, 4)), tmp_path / "x.png",
+                    {"prompt": "a red circle", "seed": 5, "settings": {"num_images": 2, "temperature": 0.9,
+                                                                       "top_k": 32, "top_p": 0.8,
+                                                                       "cond_scale": 3.0}})
+    values = Handlers.restore(path)
+    assert values[:7] == ("a red circle", 2, 0.9, 32, 0.8, 3.0, 5) and values[7]["seed"] == 5
+    no_top_p = save_png(Image.new("RGB", (4, 4)), tmp_path / "y.png", {"prompt": "p", "settings": {}})
+    assert Handlers.restore(no_top_p)[4] == 1.0
+
+
+def test_examples_are_world_scenes_with_their_captions(tmp_path):
+    from dalle_app.world import parse_caption
+
+    examples = build_examples(tmp_path, token_rows=8, count=3)
+    assert len(examples.priming) == 3 and len(examples.text_to_image) == 5
+    for (path, prompt, keep_rows, seed), (vae_path,) in zip(examples.priming, examples.reconstruction):
+        assert Path(path).is_file() and vae_path == path and keep_rows == 4
+        assert Image.open(path).size[0] >= 32
+        parse_caption(prompt)  # a caption the world (and the built-in model) understands
+    assert all(prefix and len(prefix.split()) <= 2 for prefix, _ in examples.completion)
+
+
+def test_build_demo_keeps_the_api_names_and_adds_examples_and_top_p(service):
+    demo = build_demo(service, concurrency=2)
+    api = demo.get_api_info()["named_endpoints"]
+    assert {name: [p["parameter_name"] for p in e["parameters"]] for name, e in api.items()} == {
+        "/text_to_image": ["prompt", "num_images", "temperature", "top_k", "cond_scale", "seed"],
+        "/prime_image": ["image", "prompt", "keep_rows", "num_images", "temperature", "top_k", "cond_scale", "seed"],
+        "/reconstruct": ["image"],
+        "/complete_text": ["prompt", "num_completions", "temperature", "top_k", "seed"],
+    }
+    config = json.dumps(demo.get_config_file(), default=str)
+    for elem in ("t2i-examples", "prime-examples", "vae-examples", "text-examples", "t2i-top-p", "prime-top-p",
+                 "text-top-p", "send-to-priming"):
+        assert f'"{elem}"' in config
+    assert ("load", "weights/default") in service.calls
