@@ -2,20 +2,23 @@
 
     python -m dalle_app.evaluate --model weights/shapes-dalle --n 500 [--cond-scale 3 --top-k 64 --rerank 8]
 
-Prints the fidelity table (per attribute accuracy) and the VAE's PSNR on fresh renders.
+Prints the fidelity table (per attribute accuracy), the VAE's PSNR on fresh renders and, with --vae-judge N, the
+upper bound the VAE sets: the judge's table for VAE reconstructions of N held-out scenes rendered with their captions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
 from .engine import SamplingOptions, generate_image_tokens
-from .world import ShapesDataset, fidelity_table, format_fidelity_table, heldout_captions
+from .world import (ShapesDataset, fidelity_table, format_fidelity_table, heldout_captions, heldout_scenes,
+                    image_to_tensor, render)
 
 
 @torch.no_grad()
@@ -53,6 +56,21 @@ def vae_psnr(vae, n: int = 256, device=None) -> float:
     images = torch.stack([next(stream)[0] for _ in range(n)]).to(device, next(vae.parameters()).dtype)
     recon = vae.to_unit_range(vae.decode(vae.get_codebook_indices(images)).float())
     return psnr(recon, images.float()).item()
+
+
+@torch.no_grad()
+def vae_reconstructions_of_heldout(vae, n: int = 200, seed: int = 1) -> tuple[list[str], list, list[torch.Tensor]]:
+    """(captions, renders, VAE reconstructions in [0, 1] on the CPU) of n held-out scenes (stream `seed`)."""
+
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    rng = random.Random(f"vae-judge/{seed}")
+    pairs = heldout_scenes(n, seed=seed)
+    renders = [image_to_tensor(render(scene, rng)) for scene, _ in pairs]
+    recon = []
+    for i in range(0, n, 64):
+        images = torch.stack(renders[i:i + 64]).to(device, dtype)
+        recon.extend(vae.to_unit_range(vae.decode(vae.get_codebook_indices(images)).float()).cpu())
+    return [text for _, text in pairs], renders, recon
 
 
 def _judge_chunk(args):
@@ -93,6 +111,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--device", default=None)
     parser.add_argument("--workers", type=int, default=1, help="processes for the judge")
+    parser.add_argument("--vae-judge", type=int, default=0, metavar="N",
+                        help="also judge VAE reconstructions of N held-out renders (the VAE's upper bound)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -111,9 +131,19 @@ def main(argv=None) -> None:
           f"temperature={args.temperature}, rerank={args.rerank}; generation {gen_s:.1f} s on {device}")
     print(format_fidelity_table(table))
     print(f"VAE PSNR on 256 fresh renders: {psnr_db:.2f} dB")
+    result = {"settings": vars(args), "device": str(device), "table": table, "vae_psnr": psnr_db,
+              "gen_seconds": gen_s}
+    if args.vae_judge:
+        vae_captions, renders, recon = vae_reconstructions_of_heldout(model.vae, args.vae_judge)
+        result["vae_upper_bound"] = judge(vae_captions, recon, args.workers)
+        result["renders_judged"] = judge(vae_captions, renders, args.workers)
+        print(f"Judge on VAE reconstructions of {args.vae_judge} held-out renders (the VAE's upper bound):")
+        print(format_fidelity_table(result["vae_upper_bound"]))
+        print("Judge on the renders themselves:")
+        print(format_fidelity_table(result["renders_judged"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "table": table, "vae_psnr": psnr_db, "gen_seconds": gen_s}, f, indent=2)
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

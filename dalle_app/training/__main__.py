@@ -24,6 +24,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--restart-clip", action="store_true", help="train CLIP again from scratch")
     parser.add_argument("--weights-copy", default=None, help="also save models only (no optimizers) here")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="override recipe fields (JSON values), e.g. --set dalle_steps=20000 num_workers=14")
     parser.add_argument("--export-anyway", action="store_true", help="export even if training is not finished")
     args = parser.parse_args(argv)
 
@@ -31,9 +33,10 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
     cfg = quick_config() if args.quick else TrainConfig()
     state_dir = Path(args.resume or Path("runs") / Path(args.out).name)
-    trainer = Trainer(cfg, state_dir, device, shard_mib=args.shard_mib)
+    trainer = Trainer(cfg, state_dir, device, shard_mib=args.shard_mib, overrides=args.set)
     if args.restart_clip:
         trainer.restart_clip()
     t = time.time()
@@ -41,7 +44,7 @@ def main(argv=None) -> None:
     print(f"this call trained {time.time() - t:.0f} s; total {trainer.seconds / 60:.1f} min; "
           f"phase {trainer.phase} step {trainer.step}")
     trainer.plot(state_dir / "loss_curves.png")
-    summary = {"done": done, "phase": trainer.phase, "step": trainer.step, "train_seconds": trainer.seconds,
+    summary = {"done": done, "throughput": trainer.throughput, "phase": trainer.phase, "step": trainer.step, "train_seconds": trainer.seconds,
                "last": {k: v[-1][1] for k, v in trainer.history.items() if v}}
     if trainer.phase != "vae":
         summary["vae_psnr_fresh"] = trainer.vae_psnr(256 if not args.quick else 32)

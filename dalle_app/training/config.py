@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 
@@ -12,9 +13,9 @@ class TrainConfig:
     image_size: int = 128
     text_seq_len: int = 32
     # phase 1: DiscreteVAE
-    vae: dict = field(default_factory=lambda: dict(image_size=128, num_layers=3, num_tokens=512, codebook_dim=256,
-                                                   hidden_dim=64, num_resnet_blocks=1))
-    vae_steps: int = 3000
+    vae: dict = field(default_factory=lambda: dict(image_size=128, num_layers=3, num_tokens=1024, codebook_dim=256,
+                                                   hidden_dim=128, num_resnet_blocks=2))
+    vae_steps: int = 20000
     vae_batch: int = 64
     vae_lr: float = 1e-3
     vae_temp_start: float = 1.0
@@ -24,7 +25,7 @@ class TrainConfig:
     # phase 2: DALLE (+ phase 3: CLIP, trained on the same batches)
     dalle: dict = field(default_factory=lambda: dict(dim=256, depth=6, heads=8, dim_head=32, attn_types=("full",),
                                                      shift_tokens=True, rotary_emb=True, loss_img_weight=7))
-    dalle_steps: int = 6000
+    dalle_steps: int = 16000
     dalle_batch: int = 256
     dalle_lr: float = 6e-4
     weight_decay: float = 0.01
@@ -35,13 +36,28 @@ class TrainConfig:
                                                            visual_heads=4, visual_image_size=128,
                                                            visual_patch_size=16))
     clip_lr: float = 2e-4
-    clip_steps: int = 2400  # CLIP trains on the first clip_steps DALLE batches (after a restart: from then on)
+    clip_steps: int = 3000  # CLIP trains on the first clip_steps DALLE batches (after a restart: from then on)
     seed: int = 0
     num_workers: int = 12
     log_every: int = 25
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def override(self, assignments: list[str]) -> None:
+        """Apply "name=value" strings (value as JSON, e.g. `dalle_steps=20000`, `vae={"hidden_dim": 96}`)."""
+        for item in assignments:
+            name, sep, raw = item.partition("=")
+            if not sep or not hasattr(self, name):
+                raise ValueError(f"Cannot set {item!r}: write name=value with a TrainConfig field name.")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            current = getattr(self, name)
+            if isinstance(current, dict) and isinstance(value, dict):
+                value = {**current, **value}  # a dict value updates the sub-config rather than replacing it
+            setattr(self, name, value)
 
 
 def quick_config() -> TrainConfig:

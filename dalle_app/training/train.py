@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..models import CLIP, DALLE, DiscreteVAE
 from ..tokenizers.yttm import YttmTokenizer
-from ..world import ShapesDataset
+from ..world import ShapesBatches, ShapesDataset
 from .config import TrainConfig
 from .curves import draw_loss_curves
 from .state import compact_optimizer, expand_optimizer, load_state, rng_state, save_state, set_rng_state
@@ -42,7 +42,14 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 class Trainer:
     """Holds models, optimizers and progress; `run(seconds)` trains and checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, state_dir: str | Path, device: torch.device, shard_mib: float | None = None):
+    def __init__(self, cfg: TrainConfig, state_dir: str | Path, device: torch.device, shard_mib: float | None = None,
+                 overrides: list[str] = ()):
+        """`cfg` is the recipe of a fresh run; a checkpoint in `state_dir` brings its own recipe, and `overrides`
+        ("name=value", see `TrainConfig.override`) then apply on top of whichever recipe is used."""
+        saved = load_state(state_dir)
+        if saved is not None and "config" in saved:
+            cfg = TrainConfig(**saved["config"])
+        cfg.override(list(overrides))
         self.cfg, self.state_dir, self.device, self.shard_mib = cfg, Path(state_dir), device, shard_mib
         self.tokenizer = YttmTokenizer(TOKENIZER_FILE, backend="python")
         torch.manual_seed(cfg.seed)
@@ -60,7 +67,7 @@ class Trainer:
         self.phase, self.step, self.clip_step = "vae", 0, 0
         self.history: dict[str, list] = {}
         self.seconds = 0.0  # training time summed over all runs
-        saved = load_state(self.state_dir)
+        self.throughput: dict[str, dict] = {}  # this call's speed per phase (steps/s, share spent waiting for data)
         if saved is not None:
             self._restore(saved)
 
@@ -122,15 +129,17 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------------------------
     def _loader(self, batch: int):
+        """Endless (images in [0, 1] on the device, token ids) batches; workers render whole uint8 batches."""
         cfg = self.cfg
         # a new data seed per resume point, so a resumed run does not replay the same images
-        ds = ShapesDataset(seed=cfg.seed * 100003 + self.step + (0 if self.phase == "vae" else 50_000_000),
+        ds = ShapesBatches(batch, seed=cfg.seed * 100003 + self.step + (0 if self.phase == "vae" else 50_000_000),
                            image_size=cfg.image_size)
-        dl = DataLoader(ds, batch_size=batch, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+        dl = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
                         persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None)
         for images, captions in dl:
             text = self.tokenizer.tokenize(list(captions), self.cfg.text_seq_len, truncate_text=True)
-            yield images.to(self.device, non_blocking=True), text.to(self.device)
+            images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+            yield images, text.to(self.device)
 
     def _log(self, name: str, value: float) -> None:
         self.history.setdefault(name, []).append((self.step, float(value)))
@@ -225,7 +234,12 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, desc=self.phase, mininterval=5, dynamic_ncols=True)
             t0 = time.time()
             out_of_time = False
+            waited, ran, t_fetch, t_first = 0.0, 0, time.time(), None
             for images, text in self._loader(batch):
+                if t_first is None:  # the first batch also waits for the workers to start: not counted
+                    t_first = time.time()
+                else:
+                    waited += time.time() - t_fetch
                 if self.step >= total:
                     break
                 logs = self._vae_step(images) if self.phase == "vae" else self._dalle_step(
@@ -236,6 +250,7 @@ class Trainer:
                             self._log(k, v)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
                 self.step += 1
+                ran += 1
                 bar.update(1)
                 now = time.time()
                 if now - start > seconds:
@@ -245,8 +260,15 @@ class Trainer:
                     self.seconds += now - t0
                     t0 = last_save = now
                     self.save()
+                t_fetch = time.time()
             bar.close()
             self.seconds += time.time() - t0
+            if ran > 1:
+                spent = time.time() - t_first
+                self.throughput[self.phase] = {"steps": ran, "steps_per_s": ran / spent,
+                                               "data_wait_fraction": waited / spent}
+                print(f"{self.phase}: {ran} steps at {ran / spent:.1f} steps/s, waiting for data "
+                      f"{100 * waited / spent:.0f}% of the time")
             if out_of_time:
                 self.save()
                 return False
@@ -267,8 +289,11 @@ class Trainer:
         images = torch.stack([next(ds)[0] for _ in range(n)]).to(self.device)
         return self._vae_psnr(images).item()
 
-    def export(self, folder, card: str | None = None) -> Path:
-        """Write the project format (float32 weights) with the tokenizer."""
+    def export(self, folder, card: str | None = None, dtype: torch.dtype = torch.float16) -> Path:
+        """Write the project format with the tokenizer; parameters stored in `dtype` (float16 halves the files;
+        loading casts them to the dtype the model runs in)."""
+        import copy
+
         from ..manager.pretrained import save_pretrained
 
         hp = dict(self.dalle.hparams)
@@ -277,7 +302,15 @@ class Trainer:
                   "conv_like_window": conv_like_window,
                   "clip": {"params": self.clip.config} if self.clip is not None else None,
                   "tokenizer": {"kind": "yttm"},
-                  "source": {"trained_by": "python -m dalle_app.training", "train_seconds": round(self.seconds)}}
-        self.dalle.float()
-        return save_pretrained(folder, dalle=self.dalle, clip=self.clip, tokenizer_file=TOKENIZER_FILE, card=card,
+                  "source": {"trained_by": "python -m dalle_app.training", "train_seconds": round(self.seconds),
+                             "stored_dtype": str(dtype).replace("torch.", "")}}
+        def stored(module):  # parameters in `dtype`; buffers (rotary angles) stay float32: they need the precision
+            module = copy.deepcopy(module)
+            for p in module.parameters():
+                p.data = p.data.to(dtype)
+            return module
+
+        dalle = stored(self.dalle)
+        clip = stored(self.clip) if self.clip is not None else None
+        return save_pretrained(folder, dalle=dalle, clip=clip, tokenizer_file=TOKENIZER_FILE, card=card,
                                config=config)

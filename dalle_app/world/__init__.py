@@ -12,7 +12,7 @@ See scene.py, render.py, captions.py, dataset.py and judge.py for the rules of t
 """
 
 from .captions import CaptionSpec, ObjSpec, caption, caption_vocabulary, parse_caption
-from .dataset import ShapesDataset, heldout_captions, heldout_scenes, image_to_tensor, sample_pair
+from .dataset import ShapesBatches, ShapesDataset, heldout_captions, heldout_scenes, image_to_tensor, sample_pair
 from .judge import (ATTRIBUTES, ObjReading, Reading, fidelity_table, format_fidelity_table, measure_judge_accuracy,
                     read_image, score)
 from .render import place, render, render_with_boxes, shape_mask
@@ -20,7 +20,7 @@ from .scene import COLORS, IMAGE_SIZE, POSITIONS, RELATIONS, SHAPES, SIZES, Obj,
 
 __all__ = [
     "ATTRIBUTES", "COLORS", "IMAGE_SIZE", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
-    "CaptionSpec", "Obj", "ObjReading", "ObjSpec", "Reading", "Scene", "ShapesDataset",
+    "CaptionSpec", "Obj", "ObjReading", "ObjSpec", "Reading", "Scene", "ShapesBatches", "ShapesDataset",
     "caption", "caption_vocabulary", "fidelity_table", "format_fidelity_table", "heldout_captions", "heldout_scenes",
     "image_to_tensor", "measure_judge_accuracy", "parse_caption", "place", "read_image", "render",
     "render_with_boxes", "sample_pair", "sample_scene", "score", "shape_mask",

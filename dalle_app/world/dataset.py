@@ -13,6 +13,7 @@ Every stream is a ``random.Random`` seeded with a string, so streams are reprodu
 Public API::
 
     ShapesDataset(seed=0, image_size=128, rank=0)   # IterableDataset of (float tensor (3,S,S) in [0,1], caption)
+    ShapesBatches(batch_size, seed=0, image_size=128, rank=0)  # whole batches: (uint8 (B,S,S,3), [captions])
     sample_pair(rng) -> (PIL.Image, caption, Scene)
     heldout_captions(n, seed=0, exclude_training_sample=0) -> list[str]
     heldout_scenes(n, seed=0) -> list[(Scene, caption)]
@@ -76,6 +77,40 @@ class ShapesDataset(IterableDataset):
             if self.image_size != IMAGE_SIZE:
                 image = image.resize((self.image_size, self.image_size), Image.LANCZOS)
             yield image_to_tensor(image), text
+
+
+class ShapesBatches(IterableDataset):
+    """Endless stream of whole training batches ``(images, captions)``, for ``DataLoader(..., batch_size=None)``.
+
+    ``images`` is a uint8 tensor (batch_size, image_size, image_size, 3), channels last, as rendered: a quarter of
+    the bytes of float images and no per-sample conversion, so a few workers keep a GPU fed; convert it on the
+    device with ``images.permute(0, 3, 1, 2).float() / 255``. ``captions`` is a list of strings. The samples of a
+    worker are those ``ShapesDataset`` with the same arguments yields in that worker, batched in order.
+    """
+
+    def __init__(self, batch_size: int, seed: int = 0, image_size: int = IMAGE_SIZE, rank: int = 0):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        if image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, got {image_size}.")
+        self.batch_size, self.seed, self.image_size, self.rank = batch_size, seed, image_size, rank
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = training_stream(self.seed, self.rank, worker, num_workers)
+        size = self.image_size
+        while True:
+            images = np.empty((self.batch_size, size, size, 3), dtype=np.uint8)
+            captions = []
+            for i in range(self.batch_size):
+                image, text, _ = sample_pair(rng)
+                if size != IMAGE_SIZE:
+                    image = image.resize((size, size), Image.LANCZOS)
+                images[i] = np.asarray(image)
+                captions.append(text)
+            yield torch.from_numpy(images), captions
 
 
 def heldout_scenes(n: int, seed: int = 0) -> list[tuple[Scene, str]]:
