@@ -100,9 +100,15 @@ class Trainer:
         if self.phase == "done":
             self.phase, self.step = "clip", 0
 
-    def save_weights(self, folder) -> None:
-        """Models, history and times only (no optimizers): a smaller checkpoint to export from elsewhere."""
+    def save_weights(self, folder, dtype: torch.dtype = torch.float16) -> None:
+        """Models, history and times only (no optimizers; parameters in `dtype`): a small checkpoint to export
+        from elsewhere, or to resume from with fresh optimizers."""
         tree = {k: v for k, v in self._tree().items() if not k.startswith("opt_") and k != "rng"}
+        modules = {"vae": self.vae, "dalle": self.dalle, "clip": self.clip}
+        for name, module in modules.items():
+            if name in tree and module is not None:
+                params = dict(module.named_parameters(remove_duplicate=False))
+                tree[name] = {k: (v.to(dtype) if k in params else v) for k, v in tree[name].items()}
         save_state(tree, folder, self.shard_mib)
 
     def _restore(self, tree: dict) -> None:
