@@ -23,14 +23,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(root: Path, *extra: str) -> tuple[subprocess.Popen, str, Path]:
-    """Build a tiny model under `root`, start app.py on it; return (process, url, model folder)."""
+def start_app(root: Path, *extra: str, env: dict | None = None, faults: bool = False
+              ) -> tuple[subprocess.Popen, str, Path]:
+    """Build a tiny model under `root`, start app.py on it; return (process, url, model folder).
+
+    env: extra environment variables. faults: start it through tests/reliability_launcher.py, which injects the
+    faults its environment variables ask for (slow steps, simulated out-of-memory, no Hub retry waits)."""
     folder = make_tiny_model(root / "model")
     port = free_port()
     env = dict(os.environ, DALLE_APP_MODEL_DIRS=str(root), DALLE_APP_CATALOG=str(root / "catalog.json"),
-               GRADIO_SERVER_NAME="127.0.0.1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+               GRADIO_SERVER_NAME="127.0.0.1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     log = open(root / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(folder), "--port", str(port), "--device",
+    program = [str(ROOT / "tests" / "reliability_launcher.py")] if faults else ["app.py"]
+    proc = subprocess.Popen([sys.executable, *program, "--model", str(folder), "--port", str(port), "--device",
                              "cpu", "--dtype", "fp32", *extra], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     deadline = time.time() + 60

@@ -1,5 +1,7 @@
 """Unit tests of dalle_app.service on a tiny random model (seconds on CPU)."""
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ from PIL import Image
 pytest.importorskip("youtokentome")
 
 from dalle_app.manager import ModelManager
-from dalle_app.service import RequestError, Service, read_parameters, validate_sampling
+from dalle_app.service import OutOfMemory, RequestError, Service, read_parameters, validate_sampling
+from dalle_app.service_utils import Cancelled, Scheduler
 
 from app_factory import make_tiny_model
 
@@ -167,3 +170,130 @@ def test_each_request_chooses_its_model_without_changing_the_default(service, tm
     assert list(Image.open(mine.files[0]).getdata()) != list(Image.open(theirs.files[0]).getdata())
     assert _last(service.reconstruct(Image.new("RGB", (8, 8)), model=str(other))).info["model"] == card["reference"]
     assert _last(service.complete_text("a red", 1, seed=0, model=str(other))).info["model"] == card["reference"]
+
+
+# ----------------------------------------------------------------------------------------------- scheduling
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Each decoding step sleeps 1 ms per image (a tiny model made as slow as a real one, without using the CPU)."""
+    from dalle_app.engine import generate as engine_generate
+
+    original = engine_generate._Stepper.__call__
+
+    def step(self, ids, pos):
+        time.sleep(0.001 * ids.shape[0])
+        return original(self, ids, pos)
+
+    monkeypatch.setattr(engine_generate._Stepper, "__call__", step)
+
+
+def _pixels(update):
+    return [list(Image.open(f).getdata()) for f in update.files]
+
+
+def test_scheduler_takes_turns_round_robin_and_bounds_started_requests():
+    scheduler = Scheduler(workers=1, max_active=2, slice_s=0.0)
+    order, lock = [], threading.Lock()
+
+    def request(name, steps):
+        with scheduler.ticket() as ticket:
+            for _ in range(steps):
+                with lock:
+                    order.append(name)
+                time.sleep(0.002)
+                ticket.pause_point()
+
+    threads = [threading.Thread(target=request, args=(name, 20)) for name in "abc"]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join(10)
+    assert sorted(order) == ["a"] * 20 + ["b"] * 20 + ["c"] * 20
+    # once b has arrived, a and b alternate step by step (slice_s=0) until one of them is done
+    first_b, first_c = order.index("b"), order.index("c")
+    last = {name: max(i for i, n in enumerate(order) if n == name) for name in "ab"}
+    both = order[first_b - 1:min(last.values()) + 1]
+    assert len(both) > 10 and all(x != y for x, y in zip(both, both[1:])), order
+    # c (third, with max_active=2) starts only once a or b has finished
+    assert first_c > min(last.values()), order
+    assert scheduler.stats() == {"running": 0, "started": 0, "waiting": 0}
+
+
+def test_a_cancelled_ticket_leaves_the_queue():
+    scheduler = Scheduler(workers=1)
+    first = scheduler.ticket()
+    first.__enter__()
+    waiting = scheduler.ticket()
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(Cancelled, waiting.__enter__)))
+    t.start()
+    time.sleep(0.05)
+    assert waiting.position() == 0
+    waiting.cancel()
+    t.join(2)
+    assert not t.is_alive() and errors and scheduler.stats()["waiting"] == 0
+    first.__exit__(None, None, None)
+    assert scheduler.stats() == {"running": 0, "started": 0, "waiting": 0}
+
+
+def test_small_request_is_not_starved_by_a_large_one_and_results_do_not_change(service, slow_steps):
+    fair = Service(service.default_reference, manager=service.manager, output_dir=service.output_dir, slice_s=0.02)
+    big_alone = _last(fair.text_to_image("a blue square", 16, seed=100))
+    small_alone = _last(fair.text_to_image("a red circle", 1, seed=7))
+    done = {}
+
+    def run(name, n, seed, prompt):
+        start = time.perf_counter()
+        last = _last(fair.text_to_image(prompt, n, seed=seed))
+        done[name] = (last, time.perf_counter() - start, time.perf_counter())
+
+    big = threading.Thread(target=run, args=("big", 16, 100, "a blue square"))
+    big.start()
+    time.sleep(0.1)  # the big request is computing
+    run("small", 1, 7, "a red circle")
+    big.join(30)
+    (big_last, big_s, big_end), (small_last, small_s, small_end) = done["big"], done["small"]
+    print(f"\n[fairness] big 16 images {big_s:.2f} s; small 1 image submitted 0.1 s later: {small_s:.2f} s "
+          f"(alone {small_alone.info['seconds']:.2f} s)")
+    assert small_end < big_end and small_s < 0.5 * big_s
+    assert _pixels(big_last) == _pixels(big_alone) and _pixels(small_last) == _pixels(small_alone)
+    assert big_last.info["seeds"] == list(range(100, 116)) and small_last.info["seeds"] == [7]
+
+
+def test_closing_a_request_frees_its_turn_at_once(service, slow_steps):
+    fair = Service(service.default_reference, manager=service.manager, output_dir=service.output_dir)
+    updates = fair.text_to_image("a blue square", 16, seed=0)
+    first = next(u for u in updates if u.images)  # computing
+    assert not first.done and fair.scheduler.stats()["started"] == 1
+    start = time.perf_counter()
+    updates.close()  # what Gradio does when the client goes away
+    while fair.scheduler.stats()["started"] and time.perf_counter() - start < 5:
+        time.sleep(0.005)
+    freed = time.perf_counter() - start
+    assert fair.scheduler.stats() == {"running": 0, "started": 0, "waiting": 0} and freed < 0.5, freed
+
+
+def test_out_of_memory_is_retried_in_smaller_chunks_with_the_same_images(service, monkeypatch):
+    from dalle_app.engine import generate as engine_generate
+
+    whole = _last(service.text_to_image("a red circle", 4, seed=21))
+    original = engine_generate._Stepper.__call__
+    limit = {"rows": 2}
+
+    def step(self, ids, pos):
+        if ids.shape[0] > limit["rows"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, ids, pos)
+
+    monkeypatch.setattr(engine_generate._Stepper, "__call__", step)
+    updates = list(service.text_to_image("a red circle", 4, seed=21))
+    split = updates[-1]
+    assert any("chunks of 2" in n for n in split.info["notes"]) and split.info["seeds"] == [21, 22, 23, 24]
+    assert _pixels(split) == _pixels(whole)
+    assert all(len(u.images) == 4 for u in updates if u.images)  # previews always show every image
+    limit["rows"] = 0
+    with pytest.raises(OutOfMemory, match="even for one image") as info:
+        list(service.text_to_image("a red circle", 2, seed=0))
+    assert "\n" not in str(info.value)
