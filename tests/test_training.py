@@ -1,5 +1,6 @@
 """Quick-mode training: losses fall, the checkpoint resumes, and the export loads through the model manager."""
 
+import pytest
 import torch
 
 from dalle_app.training import Trainer, quick_config
@@ -38,3 +39,15 @@ def test_quick_training_losses_fall_and_export_loads(tmp_path, monkeypatch):
     text = loaded.tokenizer.tokenize(["a red circle"], cfg.text_seq_len)
     logits = loaded.dalle(text, torch.zeros(1, loaded.dalle.image_seq_len, dtype=torch.long))
     assert torch.isfinite(logits).all()
+
+
+def test_recipe_overrides_and_resumed_runs_keep_their_recipe(tmp_path):
+    cfg = quick_config()
+    cfg.override(["dalle_steps=12", 'vae={"hidden_dim": 8}', "num_workers=0"])
+    assert cfg.dalle_steps == 12 and cfg.vae["hidden_dim"] == 8 and cfg.vae["num_tokens"] == 64
+    with pytest.raises(ValueError):
+        cfg.override(["no_such_field=1"])
+    trainer = Trainer(cfg, tmp_path / "state", torch.device("cpu"))
+    trainer.save()
+    again = Trainer(quick_config(), tmp_path / "state", torch.device("cpu"), overrides=["clip_steps=7"])
+    assert again.cfg.dalle_steps == 12 and again.vae.hidden_dim == 8 and again.cfg.clip_steps == 7

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from dalle_app.world import (
-    COLORS, SHAPES, CaptionSpec, Obj, ObjSpec, Scene, ShapesDataset, caption, caption_vocabulary, fidelity_table,
-    format_fidelity_table, heldout_captions, heldout_scenes, measure_judge_accuracy, parse_caption, place,
-    read_image, render, render_with_boxes, sample_scene, score,
+    COLORS, SHAPES, CaptionSpec, Obj, ObjSpec, Scene, ShapesBatches, ShapesDataset, caption, caption_vocabulary,
+    fidelity_table, format_fidelity_table, heldout_captions, heldout_scenes, measure_judge_accuracy, parse_caption,
+    place, read_image, render, render_with_boxes, sample_scene, score,
 )
 from dalle_app.world.dataset import sample_pair, training_stream
 from dalle_app.world.scene import IMAGE_SIZE, MARGIN, MIN_GAP, RGB, relation_holds
@@ -227,3 +227,15 @@ def test_fidelity_table_of_true_and_shuffled_images():
     assert "| shape | 100.0% |" in format_fidelity_table(table)
     with pytest.raises(ValueError, match="one image per caption"):
         fidelity_table(captions, images[:-1])
+
+
+def test_batches_are_uint8_channels_last_and_match_the_per_sample_stream():
+    images, captions = next(iter(ShapesBatches(4, seed=3)))
+    assert images.shape == (4, 128, 128, 3) and images.dtype == torch.uint8 and len(captions) == 4
+    singles = iter(ShapesDataset(seed=3))
+    for i in range(4):
+        image, text = next(singles)
+        assert text == captions[i]
+        assert torch.equal((image * 255).round().to(torch.uint8), images[i].permute(2, 0, 1))
+    small, _ = next(iter(ShapesBatches(2, seed=3, image_size=32)))
+    assert small.shape == (2, 32, 32, 3)
