@@ -75,6 +75,7 @@ def main() -> None:
     judge = sub.add_parser("judge", help="measure the judge's accuracy on fresh renders")
     judge.add_argument("--n", type=int, default=2000)
     judge.add_argument("--noise", type=float, default=0.0, help="std of Gaussian pixel noise added (0..255)")
+    judge.add_argument("--blur", type=float, default=0.0, help="Gaussian blur radius in pixels (soft images)")
     args = parser.parse_args()
 
     if args.command in (None, "grid"):
@@ -86,8 +87,8 @@ def main() -> None:
             print(f"{name}: {rate:,.0f} per second (one core)")
     elif args.command == "judge":
         start = time.perf_counter()
-        accuracy = measure_judge_accuracy(args.n, noise=args.noise)
-        print(f"judge accuracy on {args.n} fresh scenes (noise std {args.noise:g}), "
+        accuracy = measure_judge_accuracy(args.n, noise=args.noise, blur=args.blur)
+        print(f"judge accuracy on {args.n} fresh scenes (noise std {args.noise:g}, blur {args.blur:g} px), "
               f"{args.n / (time.perf_counter() - start):.0f} scenes/s:")
         for name, value in accuracy.items():
             print(f"  {name:10s} {value * 100:6.2f}%")

@@ -382,8 +382,10 @@ def format_fidelity_table(table: dict[str, dict]) -> str:
 # how good is the judge itself
 
 
-def measure_judge_accuracy(n_scenes: int = 2000, seed: int = 1234, noise: float = 0.0) -> dict[str, float]:
-    """Judge accuracy on fresh jittered renders, optionally with Gaussian pixel noise of std ``noise`` (0..255).
+def measure_judge_accuracy(n_scenes: int = 2000, seed: int = 1234, noise: float = 0.0,
+                           blur: float = 0.0) -> dict[str, float]:
+    """Judge accuracy on fresh jittered renders, optionally softened by a Gaussian blur of radius ``blur`` pixels
+    and then given Gaussian pixel noise of std ``noise`` (0..255).
 
     Per scene: "background" and "count" (exactly the scene's objects found). Per object: "color", "shape",
     "size", "position", read from the detected object whose centre lies inside the object's true box (a missing
@@ -396,6 +398,8 @@ def measure_judge_accuracy(n_scenes: int = 2000, seed: int = 1234, noise: float 
     for _ in range(n_scenes):
         scene = sample_scene(rng)
         image, boxes = render_with_boxes(scene, rng)
+        if blur > 0:
+            image = image.filter(ImageFilter.GaussianBlur(blur))
         if noise > 0:
             arr = np.asarray(image, dtype=np.float32) + noise_rng.normal(0.0, noise, (IMAGE_SIZE, IMAGE_SIZE, 3))
             image = np.clip(arr, 0, 255).astype(np.uint8)
