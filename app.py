@@ -20,7 +20,10 @@ def main() -> None:
     parser.add_argument("--queue-size", type=int, default=int(env("DALLE_APP_QUEUE_SIZE", "32")),
                         help="most requests waiting in the queue")
     parser.add_argument("--concurrency", type=int, default=int(env("DALLE_APP_CONCURRENCY", "1")),
-                        help="requests run on the model at once (workers)")
+                        help="requests computing on the model at once (GPU workers; env DALLE_APP_CONCURRENCY)")
+    parser.add_argument("--max-active", type=int, default=int(env("DALLE_APP_MAX_ACTIVE", "0")) or None,
+                        help="requests interleaved fairly on the model at once, each taking turns of a fraction of "
+                             "a second (default: 4 per worker; env DALLE_APP_MAX_ACTIVE)")
     args = parser.parse_args()
 
     from dalle_app.manager import Catalog, ModelLoadError
@@ -28,11 +31,14 @@ def main() -> None:
     from dalle_app.ui import build_demo
 
     try:
-        service = Service(Catalog().get(args.model) if args.model else None, device=args.device, dtype=args.dtype)
+        service = Service(Catalog().get(args.model) if args.model else None, device=args.device, dtype=args.dtype,
+                          concurrency=args.concurrency, max_active=args.max_active)
     except (ModelLoadError, ValueError, OSError) as exc:  # one sentence, no traceback
         raise SystemExit(f"error: {exc}") from None
-    demo = build_demo(service, concurrency=args.concurrency)
-    demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
+    # Gradio lets the service's max_active requests through at once; the service's scheduler gives them fair turns
+    # on its `concurrency` workers, and the rest wait in Gradio's queue (their position is shown).
+    demo = build_demo(service)
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=service.max_active)
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(service.output_dir)],
                 show_error=True)
 

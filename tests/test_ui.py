@@ -176,3 +176,14 @@ def test_build_demo_keeps_the_api_names_and_adds_examples_and_top_p(service):
                  "text-top-p", "send-to-priming"):
         assert f'"{elem}"' in config
     assert ("load", "weights/default") in service.calls
+
+
+def test_keep_alives_hold_the_bar_and_show_the_place_in_line():
+    from dalle_app.ui.handlers import ProgressBar
+
+    bar = ProgressBar()
+    waiting = bar(Update(progress_text="waiting for the model (2 requests ahead)", waiting=True))
+    assert "2 requests ahead" in waiting and "width:0.0%" in waiting
+    assert "width:50.0%" in bar(Update(fraction=0.5, progress_text="32/64 tokens", tokens_per_s=10.0, eta_s=3.0))
+    assert bar(Update(progress_text="32/64 tokens", waiting=True)) == gr.skip()  # a heartbeat while computing
+    assert "width:50.0%" in bar(Update(progress_text="waiting for the model (1 request ahead)", waiting=True))

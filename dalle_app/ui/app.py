@@ -63,11 +63,14 @@ def _sampling(prefix: str, n_label: str = "Number of images", guidance: bool = T
     return c
 
 
-def build_demo(service, *, concurrency: int = 1, examples_dir: str | Path | None = None) -> gr.Blocks:
+def build_demo(service, *, concurrency: int | None = None, examples_dir: str | Path | None = None) -> gr.Blocks:
     """The app's Blocks; call `.queue(...)` and `.launch(...)` on it.
 
-    `concurrency` is how many model events Gradio runs at once (the service's own scheduler may bound GPU work
-    further); example pictures are rendered into `examples_dir` (default: under the service's output folder)."""
+    `concurrency` is how many model requests Gradio passes to the service at once; by default the service's
+    `max_active`, so its scheduler can interleave them fairly (it bounds the GPU workers itself) while later
+    requests wait in Gradio's queue with their position shown. Example pictures are rendered into `examples_dir`
+    (default: under the service's output folder)."""
+    concurrency = int(concurrency or getattr(service, "max_active", 1))
     h = Handlers(service)
     default_ref = service.default_reference
     card = service.load(default_ref)
@@ -125,8 +128,9 @@ def build_demo(service, *, concurrency: int = 1, examples_dir: str | Path | None
                                                    cache_examples=False, api_visibility="private",
                                                    elem_id="t2i-examples")
                     with gr.Column():
-                        gallery = gr.Gallery(label="Images", format="png", columns=4, elem_id="gallery")
-                        send_btn = gr.Button("Send selected image to priming", elem_id="send-to-priming")
+                        gallery = gr.Gallery(label="Images", format="png", columns=4, elem_id="gallery",
+                                             interactive=False)
+                        send_btn = gr.Button("Send selected image to priming", size="sm", elem_id="send-to-priming")
                         progress = gr.HTML(elem_id="progress")
                         info = gr.JSON(label="Seeds and timing", elem_id="info")
                         with gr.Accordion("Read parameters from a PNG", open=False):
@@ -135,7 +139,7 @@ def build_demo(service, *, concurrency: int = 1, examples_dir: str | Path | None
             with gr.Tab("Image priming", id="prime"):
                 with gr.Row():
                     with gr.Column():
-                        prime_input = checked_image(type="filepath", label="Image", format="png",
+                        prime_input = checked_image(type="filepath", label="Image", format="png", height=320,
                                                     elem_id="prime-input")
                         prime_prompt = gr.Textbox(label="Prompt", elem_id="prime-prompt")
                         keep_rows = gr.Slider(0, side, value=side // 2, step=1, label="Token rows to keep (top)")
@@ -161,7 +165,7 @@ def build_demo(service, *, concurrency: int = 1, examples_dir: str | Path | None
             with gr.Tab("VAE reconstruction", id="vae"):
                 with gr.Row():
                     with gr.Column():
-                        vae_input = checked_image(type="filepath", label="Image", format="png")
+                        vae_input = checked_image(type="filepath", label="Image", format="png", height=320)
                         vae_btn = gr.Button("Reconstruct", variant="primary")
                         vae_examples = gr.Examples(examples.reconstruction, inputs=[vae_input], label="Examples",
                                                    cache_examples=False, api_visibility="private",

@@ -34,11 +34,12 @@ def top_p_value(top_p) -> float | None:
     return None if top_p >= 1.0 else top_p
 
 
-def progress_html(update=None, *, idle: str = "") -> str:
-    """A progress bar (HTML) for one Update: the fraction done, tokens/s and the time left."""
+def progress_html(update=None, *, idle: str = "", fraction: float | None = None) -> str:
+    """A progress bar (HTML) for one Update: the fraction done (or `fraction`), tokens/s and the time left."""
     if update is None:
         return f'<div class="dalle-progress idle">{html.escape(idle)}</div>' if idle else ""
-    fraction = min(1.0, max(0.0, float(getattr(update, "fraction", 0.0) or 0.0)))
+    fraction = getattr(update, "fraction", 0.0) if fraction is None else fraction
+    fraction = min(1.0, max(0.0, float(fraction or 0.0)))
     rate = getattr(update, "tokens_per_s", None)
     eta = getattr(update, "eta_s", None)
     parts = [f"{fraction:.0%}"]
@@ -60,6 +61,22 @@ def progress_html(update=None, *, idle: str = "") -> str:
             f'background:var(--color-accent,#f97316);transition:width .2s"></div>'
             f'<span style="position:absolute;inset:0;display:flex;align-items:center;justify-content:center;'
             f'font-size:.85em;color:var(--body-text-color,#111)">{label}</span></div>')
+
+
+class ProgressBar:
+    """The progress bar of one request. Keep-alives (`waiting`) keep the bar where it was: while the request waits
+    for its turn they show the service's text (its place in line), while it computes they change nothing."""
+
+    def __init__(self):
+        self.fraction, self.text = 0.0, None
+
+    def __call__(self, update):
+        if getattr(update, "waiting", False):
+            if update.progress_text == self.text:
+                return gr.skip()
+            return progress_html(update, fraction=self.fraction)
+        self.fraction, self.text = update.fraction, update.progress_text
+        return progress_html(update)
 
 
 def _shown(update):
@@ -127,9 +144,11 @@ class Handlers:
     def text_to_image(self, model, prompt, num_images, temperature, top_k, top_p, cond_scale, seed, rerank, keep,
                       request: gr.Request = None):
         """Stream (gallery, progress bar, info, last seed) while the images are sampled."""
+        bar = ProgressBar()
+
         def shown(u):
             seeds = u.info.get("seeds") if u.done else None
-            return _shown(u), progress_html(u), u.info if u.done else gr.skip(), seeds[0] if seeds else gr.skip()
+            return _shown(u), bar(u), u.info if u.done else gr.skip(), seeds[0] if seeds else gr.skip()
 
         yield from _stream(lambda: self.service.text_to_image(
             prompt, num_images, temperature, top_k, cond_scale, seed, top_p=top_p_value(top_p), model=model or None,
@@ -139,13 +158,13 @@ class Handlers:
                     temperature, top_k, top_p, cond_scale, seed, request: gr.Request = None):
         """Stream (completions, progress bar, info, kept part); the service's first update is the kept part."""
         box = (left, top, right, bottom) if use_box else None
-        first = [True]
+        first, bar = [True], ProgressBar()
 
         def shown(u):
             if first[0] and u.images and not u.done:
                 first[0] = False
-                return gr.skip(), progress_html(u), gr.skip(), u.images[0]
-            return _shown(u), progress_html(u), u.info if u.done else gr.skip(), gr.skip()
+                return gr.skip(), bar(u), gr.skip(), u.images[0]
+            return _shown(u), bar(u), u.info if u.done else gr.skip(), gr.skip()
 
         yield from _stream(lambda: self.service.prime_image(
             image, prompt, keep_rows, num_images, temperature, top_k, cond_scale, seed, top_p=top_p_value(top_p),
@@ -159,8 +178,10 @@ class Handlers:
     def complete_text(self, model, prompt, num_completions, temperature, top_k, top_p, seed,
                       request: gr.Request = None):
         """Stream (completions text, progress bar, info)."""
+        bar = ProgressBar()
+
         def shown(u):
-            return "\n".join(u.texts) if u.texts else gr.skip(), progress_html(u), u.info if u.done else gr.skip()
+            return "\n".join(u.texts) if u.texts else gr.skip(), bar(u), u.info if u.done else gr.skip()
 
         yield from _stream(lambda: self.service.complete_text(
             prompt, num_completions, temperature, top_k, seed, top_p=top_p_value(top_p), model=model or None,
