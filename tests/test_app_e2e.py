@@ -1,6 +1,8 @@
-"""End to end: `python app.py` on 127.0.0.1 with a tiny model; every API endpoint through gradio_client and the
-text-to-image tab in headless Chromium (Debian's /usr/bin/chromium through Playwright)."""
+"""End to end: `python app.py` on 127.0.0.1 with a tiny model; every API endpoint through gradio_client, and every
+tab in headless Chromium (Debian's /usr/bin/chromium through Playwright): one-click examples, top-p, the progress
+bar, send-to-priming, and two browser sessions each on its own model."""
 
+import io
 import os
 import subprocess
 import sys
@@ -13,13 +15,13 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from dalle_app.service import read_parameters
 
+from app_factory import make_tiny_model
 from reliability_server import start_app, stop_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = os.environ.get("DALLE_APP_SCREENSHOTS")  # folder to save tab screenshots into (for the README)
 
 
 @pytest.fixture(scope="module")
@@ -73,37 +75,143 @@ def test_api_complete_text_and_errors(client):
         client.predict("a red circle", 1, 0, 16, 1.0, 0, api_name="/text_to_image")
 
 
-def test_browser_text_to_image_tab(server):
+@pytest.fixture(scope="module")
+def browser():
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); browser test skipped")
     playwright = pytest.importorskip("playwright.sync_api")
-    url, _ = server
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(url)
-        prompt = page.get_by_label("Prompt", exact=True)
-        prompt.fill("a green triangle on a white background")
-        seed = page.get_by_label("Seed (-1 = random)").first
-        seed.fill("21")
-        prompt.press("Enter")  # Enter submits
-        page.locator("#info").get_by_text('"seeds"').wait_for(timeout=30000)
-        page.wait_for_function("() => document.querySelectorAll('#gallery img').length >= 4", timeout=30000)
-        assert "21" in page.locator("#info").inner_text()
-        if SCREENSHOTS:
-            Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(Path(SCREENSHOTS) / "text_to_image.png"), full_page=True)
-        page.get_by_role("button", name="🎲").click()
-        page.wait_for_function("() => [...document.querySelectorAll('input[type=number]')].some(e => e.value === '-1')")
-        page.get_by_role("button", name="♻️").click()
-        page.wait_for_function("() => [...document.querySelectorAll('input[type=number]')].some(e => e.value === '21')")
-        if SCREENSHOTS:
-            for tab, name in (("Image priming", "image_priming"), ("VAE reconstruction", "vae_reconstruction"),
-                              ("Text completion", "text_completion")):
-                page.get_by_role("tab", name=tab).click()
-                page.wait_for_timeout(400)
-                page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"), full_page=True)
+        yield browser
         browser.close()
+
+
+def _wait_images(page, gallery: str, count: int, info: str | None = None):
+    page.wait_for_function(f"() => document.querySelectorAll('{gallery} img').length >= {count}", timeout=30000)
+    if info:
+        page.locator(info).get_by_text('"seeds"').wait_for(timeout=30000)
+
+
+def _gallery_parameters(page, gallery: str = "#gallery") -> list[dict]:
+    """The parameters stored in the PNGs the gallery shows (fetched as the browser gets them)."""
+    sources = page.evaluate(f"() => [...document.querySelectorAll('{gallery} img')].map(i => i.src)")
+    out = []
+    for src in sources:
+        data = page.request.get(src).body()
+        out.append(read_parameters(io.BytesIO(data)))
+    return out
+
+
+def _watch_progress(page, selector: str):
+    """Record every text the progress bar shows from now on (window.progressSeen)."""
+    page.evaluate("""(sel) => { window.progressSeen = []; new MutationObserver(() => {
+        const bar = document.querySelector(sel + ' [role=progressbar]');
+        if (bar) window.progressSeen.push(bar.getAttribute('aria-valuenow') + '|' + bar.innerText); })
+        .observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true}); }""",
+                  selector)
+
+
+def _set_slider(page, elem_id: str, value: float):
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_browser_text_to_image_tab(server, browser):
+    url, _ = server
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.fill("a green triangle on a white background")
+    seed = page.get_by_label("Seed (-1 = random)").first
+    seed.fill("21")
+    prompt.press("Enter")  # Enter submits
+    page.locator("#info").get_by_text('"seeds"').wait_for(timeout=30000)
+    page.wait_for_function("() => document.querySelectorAll('#gallery img').length >= 4", timeout=30000)
+    assert "21" in page.locator("#info").inner_text()
+    page.get_by_role("button", name="🎲").click()
+    page.wait_for_function("() => [...document.querySelectorAll('input[type=number]')].some(e => e.value === '-1')")
+    page.get_by_role("button", name="♻️").click()
+    page.wait_for_function("() => [...document.querySelectorAll('input[type=number]')].some(e => e.value === '21')")
+    page.close()
+
+
+def test_browser_example_click_with_top_p_shows_progress_and_sends_to_priming(server, browser):
+    url, _ = server
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    _set_slider(page, "t2i-top-p", 0.85)
+    _watch_progress(page, "#progress")
+    example = page.locator("#t2i-examples [data-testid=dataset-cell-1-0]")
+    example.click()  # one click: fills the prompt and seed and runs
+    _wait_images(page, "#gallery", 4, "#info")
+    prompt = page.get_by_label("Prompt", exact=True).input_value()
+    assert prompt
+    seen = page.evaluate("() => window.progressSeen")
+    assert any("tokens/s" in s and "left" in s and not s.startswith("100|") for s in seen), seen  # a live bar
+    assert seen[-1].startswith("100|") and "done" in seen[-1]
+    params = _gallery_parameters(page)
+    assert [p["seed"] for p in params] == [1, 2, 3, 4] and params[0]["prompt"] == prompt
+    assert all(p["settings"]["top_p"] == pytest.approx(0.85) for p in params)  # the slider reached the service
+
+    page.locator("#gallery img").nth(2).click()  # pick the third image
+    page.locator("#send-to-priming").click()
+    page.get_by_role("tab", name="Image priming", selected=True).wait_for(timeout=10000)
+    page.wait_for_function("() => document.querySelector('#prime-input img')", timeout=10000)
+    sent = page.locator("#prime-input img").get_attribute("src")
+    assert sent.endswith(".png") and "seed3" in sent
+    assert page.locator("#prime-prompt textarea").input_value() == prompt
+    page.locator("#prime-run").click()  # the sent image is a usable priming input
+    _wait_images(page, "#prime-gallery", 4, "#prime-info")
+
+    page.locator("#prime-examples [data-testid=dataset-cell-0-1]").click()  # a priming example
+    page.locator("#prime-gallery img[src*='-seed0.png']").wait_for(timeout=30000)
+    params = _gallery_parameters(page, "#prime-gallery")
+    assert params[0]["seed"] == 0 and params[0]["settings"]["keep_rows"] == 4
+
+    page.get_by_role("tab", name="VAE reconstruction").click()
+    page.locator("#vae-examples .gallery-item").first.click()
+    _wait_images(page, "#vae-gallery", 3)
+    page.locator("#vae-info").get_by_text('"psnr_db"').wait_for(timeout=30000)
+
+    page.get_by_role("tab", name="Text completion").click()
+    _set_slider(page, "text-top-p", 0.9)
+    page.locator("#text-examples [data-testid=dataset-cell-0-0]").click()
+    page.wait_for_function("() => document.querySelector('#completions textarea').value.split('\\n').length == 4",
+                           timeout=30000)
+    prefix = page.locator("#text-examples [data-testid=dataset-cell-0-0]").inner_text().strip()
+    lines = page.locator("#completions textarea").input_value().splitlines()
+    assert all(line.startswith(prefix) for line in lines)
+    page.close()
+
+
+def _generate(page, seed: int) -> dict:
+    page.get_by_label("Prompt", exact=True).fill("a red circle")
+    page.get_by_label("Seed (-1 = random)").first.fill(str(seed))
+    page.locator("#generate").click()
+    page.locator(f"#gallery img[src*='-seed{seed}.png']").wait_for(timeout=30000)
+    return _gallery_parameters(page)[0]
+
+
+def test_two_browser_sessions_each_keep_their_own_model(server, browser):
+    url, root = server
+    other = make_tiny_model(root / "other", seed=1, with_clip=False)
+    a, b = browser.new_context(), browser.new_context()
+    page_a, page_b = a.new_page(), b.new_page()
+    for page in (page_a, page_b):
+        page.goto(url)
+    page_a.locator("#model-panel").get_by_text("Model", exact=True).first.click()  # open the accordion
+    page_a.get_by_label("Hub reference or local path").fill(str(other))
+    page_a.locator("#load-model").click()
+    page_a.locator("#model-card").get_by_text(str(other)).first.wait_for(timeout=30000)
+    assert _generate(page_b, 31)["model"] == str(root / "model")  # B never asked: the default
+    assert _generate(page_a, 32)["model"] == str(other)
+    assert _generate(page_b, 33)["model"] == str(root / "model")  # A's switch did not reach B
+    page_b.locator("#model-panel").get_by_text("Model", exact=True).first.click()
+    page_b.locator("#model-card").get_by_text(str(root / "model")).first.wait_for(timeout=10000)
+    assert str(other) not in page_b.locator("#model-card").inner_text()
+    a.close()
+    b.close()
 
 
 def test_cli_generate_writes_the_same_pngs(server, tmp_path):
