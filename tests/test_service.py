@@ -297,3 +297,33 @@ def test_out_of_memory_is_retried_in_smaller_chunks_with_the_same_images(service
     with pytest.raises(OutOfMemory, match="even for one image") as info:
         list(service.text_to_image("a red circle", 2, seed=0))
     assert "\n" not in str(info.value)
+
+
+def test_concurrent_requests_with_different_models_never_mix(service):
+    other = str(make_tiny_model(Path(service.manager.allowed_roots[0]) / "third", seed=2))
+    fair = Service(service.default_reference, manager=service.manager, output_dir=service.output_dir, slice_s=0.005)
+    jobs = [(f"a red circle {i}" if i % 2 else f"a blue square {i}", other if i % 3 == 0 else None, 1 + i % 3,
+             50 * i) for i in range(8)]
+    results, errors = {}, []
+
+    def run(i, prompt, model, count, seed):
+        try:
+            results[i] = _last(fair.text_to_image(prompt, count, seed=seed, top_k=8, model=model))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == len(jobs)
+    for i, (prompt, model, count, seed) in enumerate(jobs):
+        expected_model = fair.get_model(model).reference
+        assert results[i].info["seeds"] == [seed + j for j in range(count)]
+        for j, path in enumerate(results[i].files):
+            params = read_parameters(path)
+            assert (params["prompt"], params["seed"], params["model"]) == (prompt, seed + j, expected_model)
+        alone = _last(service.text_to_image(prompt, count, seed=seed, top_k=8, model=model))
+        assert _pixels(results[i]) == _pixels(alone)
+    assert len({f for r in results.values() for f in r.files}) == sum(j[2] for j in jobs)  # no file overwritten
