@@ -3,6 +3,7 @@ tab in headless Chromium (Debian's /usr/bin/chromium through Playwright): one-cl
 bar, send-to-priming, and two browser sessions each on its own model."""
 
 import io
+import re
 import os
 import subprocess
 import sys
@@ -226,3 +227,25 @@ def test_cli_generate_writes_the_same_pngs(server, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dalle_app", "generate", "--model", str(root / "missing"),
                           "--prompt", "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and bad.stderr.startswith("error:")
+
+
+def test_browser_shows_the_place_in_the_queue(tmp_path, browser):
+    # one request at a time (--max-active 1), each decoding step slowed down without using the CPU
+    proc, url, _ = start_app(tmp_path, "--max-active", "1", faults=True, env={"DALLE_TEST_STEP_DELAY": "0.03"})
+    try:
+        pages = [browser.new_page(viewport={"width": 1280, "height": 1000}) for _ in range(2)]
+        for page in pages:
+            page.goto(url)
+            page.get_by_label("Prompt", exact=True).fill("a blue square")
+            page.locator("#t2i-top-p input[type=number]").wait_for()
+            page.get_by_label("Number of images").first.fill("1")
+        pages[0].locator("#generate").click()
+        pages[0].wait_for_function("() => document.querySelector('#progress [role=progressbar]')", timeout=30000)
+        pages[1].locator("#generate").click()  # waits behind the first: Gradio shows its place
+        pages[1].locator("#progress").get_by_text(re.compile(r"queue: 1/\d")).wait_for(timeout=10000)
+        for page in pages:
+            page.locator("#gallery img").first.wait_for(timeout=30000)
+            page.locator("#info").get_by_text('"seeds"').wait_for(timeout=30000)
+            page.close()
+    finally:
+        stop_app(proc)
