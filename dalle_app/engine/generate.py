@@ -64,13 +64,13 @@ def _seed_tensor(seeds, rows, device):
     return seeds, torch.tensor(seeds, dtype=torch.long, device=device)
 
 
-def _decode_step(dalle, k, v, shifted, seeds, ids, pos, guided, cond_scale, temperature, top_k, top_p):
+def _decode_step(dalle, kv, shifted, seeds, ids, pos, guided, cond_scale, temperature, top_k, top_p):
     """Feed image tokens ids (rows, 1) at sequence position pos; return the next sampled image token per row."""
     text_len = dalle.text_seq_len + 1
     feed = ids.repeat(2, 1) if guided else ids
     img_pos = pos - text_len
     x = dalle.embed_image(feed, img_pos)
-    h = dalle.transformer(x, cache=InferenceCache(k, v, shifted), start=pos)
+    h = dalle.transformer(x, cache=InferenceCache(kv, shifted), start=pos)
     logits = dalle.image_logits(h)[:, -1]
     if guided:
         logits = guide(logits, cond_scale)
@@ -104,7 +104,7 @@ class _Stepper:
     def _run_step(self, ids, pos):
         step = _compiled_step() if self.compile else _decode_step
         c, o = self.cache, self.options
-        return step(self.dalle, c.k, c.v, c.shifted, self.seeds, ids, pos, self.guided, o.cond_scale, o.temperature,
+        return step(self.dalle, c.kv, c.shifted, self.seeds, ids, pos, self.guided, o.cond_scale, o.temperature,
                     self.top_k, o.top_p)
 
     def _capture(self):

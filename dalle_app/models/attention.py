@@ -140,31 +140,47 @@ class Attention(nn.Module):
 
         mask: bool, broadcastable to (b, heads, n, keys), True = may attend (None = attend to all keys).
         rotary: rotation matrices for the n positions (n, dim_head, dim_head) (see rotary_matrices), or None.
-        kv_cache: (k, v) buffers (b, heads, max_len, dim_head) that receive this call's keys and values; the call then
-        attends to the cached keys 0..start+n-1 (or to the whole buffer, masked, when start is a tensor).
+        kv_cache: the layer's key/value buffer (2, b, heads, max_len, dim_head) that receives this call's keys and
+        values; the call then attends to the cached keys 0..start+n-1 (or to the whole buffer, masked, when start
+        is a tensor).
         """
-        qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
-        if rotary is not None:  # DALLE-pytorch rotates q, k and v alike
+        qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head))  # (b, n, 3, heads, dim_head)
+        if rotary is not None and rotary.shape[0] == 1:  # DALLE-pytorch rotates q, k and v alike
+            qkv = qkv @ rotary[0]  # one position: rotate before the permute, which then needs no copy
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, b, heads, n, dim_head)
+        if rotary is not None and rotary.shape[0] > 1:
             qkv = apply_rotary(qkv, rotary)
         q, k, v = qkv.unbind(0)
         if kv_cache is not None:
-            k, v = write_kv(kv_cache, k, v, start)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v = write_kv(kv_cache, qkv[1:], start)
+        if torch.is_tensor(start) and mask is not None:
+            out = attend_static_cache(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).flatten(2)
         return self.dropout(self.to_out(out))
 
 
-def write_kv(kv_cache, k, v, start):
-    """Store k, v at positions start.. of the cache and return the keys/values visible to these queries."""
-    k_buf, v_buf = kv_cache
+def attend_static_cache(q, k, v, mask):
+    """Attention of a decoding step's queries over a whole static cache, the unwritten tail masked out.
+
+    Plain matmuls and a softmax in float32: with one query per row, SDPA's fused kernels spend most of their time on
+    empty tiles, and this form lets torch.compile fuse the mask and softmax."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    weights = torch.where(mask, scores, float("-inf")).softmax(dim=-1, dtype=torch.float32)
+    return weights.to(v.dtype) @ v
+
+
+@torch.compiler.disable  # a cache write inside a compiled graph becomes a copy of the whole cache
+def write_kv(kv_cache: torch.Tensor, kv: torch.Tensor, start):
+    """Store keys and values kv (2, b, heads, n, dim_head) at positions start.. of one layer's cache
+    (2, b, heads, max_len, dim_head) and return the keys and values visible to these queries."""
     if torch.is_tensor(start):  # graph-capturable single step: write in place, attend over the whole (masked) buffer
-        k_buf.index_copy_(2, start, k)
-        v_buf.index_copy_(2, start, v)
-        return k_buf, v_buf
-    end = start + k.shape[2]
-    k_buf[:, :, start:end] = k
-    v_buf[:, :, start:end] = v
-    return k_buf[:, :, :end], v_buf[:, :, :end]
+        kv_cache.index_copy_(3, start, kv)
+        return kv_cache.unbind(0)
+    end = start + kv.shape[3]
+    kv_cache[:, :, :, start:end] = kv
+    return kv_cache[:, :, :, :end].unbind(0)
 
 
 class FeedForward(nn.Module):

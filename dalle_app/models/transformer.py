@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from itertools import cycle, islice
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import (Attention, FeedForward, attention_mask, rotary_matrices, rotary_table,
@@ -26,54 +27,62 @@ from .attention import (Attention, FeedForward, attention_mask, rotary_matrices,
 class InferenceCache:
     """Static, preallocated decoding state for one batch: written in place, never resized.
 
-    k, v:    (depth, batch, heads, max_len, dim_head) keys/values after rotary, per layer (not per shared module).
-    shifted: (depth, 2, batch, max_len, dim) normalised inputs of the attention (0) and feed-forward (1) branches,
-             which token shift reads back from; None when the model does not shift tokens.
+    kv:      (depth, 2, batch, heads, max_len, dim_head) keys (0) and values (1) after rotary, per layer (not per
+             shared module); one tensor so that a step writes both with one copy.
+    shifted: (depth, 2, batch, max_len + 1, dim) normalised inputs of the attention (0) and feed-forward (1) branches,
+             which token shift reads back from; the extra last row stays zero (what shifted-in edge channels read).
+             None when the model does not shift tokens.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    kv: torch.Tensor
     shifted: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.kv.shape[2]
 
     def select(self, rows: torch.Tensor) -> "InferenceCache":
         """A new cache holding only the given batch rows (used to drop finished or cancelled rows)."""
         shifted = self.shifted.index_select(2, rows) if self.shifted is not None else None
-        return InferenceCache(self.k.index_select(1, rows), self.v.index_select(1, rows), shifted)
+        return InferenceCache(self.kv.index_select(2, rows), shifted)
 
 
-def shift_weights(positions: torch.Tensor, text_len: int, fmap_size: int, dim: int, dtype) -> tuple:
-    """Per-position channel selectors (keep, from_previous, from_above), each (n, dim), for DALLE-pytorch's token
-    shift: text tokens take the first half of their channels from the previous token; image tokens take their first
-    quarter from the token one row above and their second quarter from the token to their left (zeros at the image
-    edges); the first image token takes nothing from the text."""
+def shift_index(positions: torch.Tensor, text_len: int, fmap_size: int, dim: int, zero_row: int) -> torch.Tensor:
+    """For DALLE-pytorch's token shift: the history row each channel of each position reads, (n, dim) long.
+
+    Text tokens take the first half of their channels from the previous token; image tokens take their first quarter
+    from the token one row above and their second quarter from the token to their left; channels with no such
+    neighbour (image edges, the first token, the first image token reading text) read `zero_row`, which holds zeros.
+    The other channels read the token itself."""
     ch = torch.arange(dim, device=positions.device)[None, :]
     half, quarter = (dim + 1) // 2, (dim + 3) // 4  # torch.chunk(2) / chunk(4) sizes
     pos = positions[:, None]
     img = pos - text_len
     is_text = img < 0
-    text_prev = (ch < half) & (pos > 0)
-    image_prev = (ch >= quarter) & (ch < 2 * quarter) & (img % fmap_size != 0)
-    from_prev = torch.where(is_text, text_prev, image_prev)
-    from_above = ~is_text & (ch < quarter) & (img >= fmap_size)
-    keep = torch.where(is_text, ch >= half, ch >= 2 * quarter)
-    return keep.to(dtype), from_prev.to(dtype), from_above.to(dtype)
+    zero = torch.full_like(pos, zero_row)
+    text_src = torch.where(ch < half, torch.where(pos > 0, pos - 1, zero), pos)
+    left = torch.where(img % fmap_size != 0, pos - 1, zero)
+    above = torch.where(img >= fmap_size, pos - fmap_size, zero)
+    image_src = torch.where(ch < quarter, above, torch.where(ch < 2 * quarter, left, pos))
+    return torch.where(is_text, text_src, image_src)
 
 
-def shift_tokens(x: torch.Tensor, history: torch.Tensor, positions: torch.Tensor, weights: tuple,
-                 fmap_size: int) -> torch.Tensor:
-    """Token-shifted x (b, n, d), the tokens at `positions`, reading their neighbours from `history` (b, L, d)."""
-    keep, from_prev, from_above = weights
-    neighbours = torch.cat(((positions - 1).clamp(min=0), (positions - fmap_size).clamp(min=0)))
-    prev, above = history.index_select(1, neighbours).chunk(2, dim=1)
-    return x * keep + prev * from_prev + above * from_above
+@torch.compiler.disable  # a cache write inside a compiled graph becomes a copy of the whole cache
+def write_history(history: torch.Tensor, h: torch.Tensor, start) -> None:
+    """Store the normalised tokens h (b, n, d) at positions start.. of a token-shift history (b, max_len + 1, d)."""
+    if torch.is_tensor(start):
+        history.index_copy_(1, start, h)
+    else:
+        history[:, start:start + h.shape[1]] = h
+
+
+def shift_tokens(history: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Token-shifted tokens (b, n, d): channel c of token t is history[:, index[t, c], c] (one gather)."""
+    return history.gather(1, index.expand(history.shape[0], -1, -1))
 
 
 class Branch(nn.Module):
-    """One residual branch: norm -> (token shift) -> module -> (sandwich norm) -> LayerScale."""
+    """One residual branch: norm -> (token shift) -> module -> (sandwich norm) -> LayerScale, added to the stream."""
 
     def __init__(self, dim: int, module: nn.Module, layer_index: int, sandwich_norm: bool):
         super().__init__()
@@ -83,14 +92,15 @@ class Branch(nn.Module):
         init = 0.1 if layer_index + 1 <= 18 else 1e-5 if layer_index + 1 <= 24 else 1e-6
         self.scale = nn.Parameter(torch.full((1, 1, dim), init))
 
-    def forward(self, x, shift=None, **module_kwargs):
+    def forward(self, x, shift=None, residual=None, **module_kwargs):
+        """residual + scale * branch(x); the residual stream is x itself unless given (reversible layers)."""
         h = self.norm(x)
         if shift is not None:
             h = shift(h)
         h = self.module(h, **module_kwargs)
         if self.norm_out is not None:
             h = self.norm_out(h)
-        return h * self.scale
+        return torch.addcmul(x if residual is None else residual, h, self.scale)
 
 
 class Layer(nn.Module):
@@ -187,7 +197,10 @@ class Transformer(nn.Module):
         rotary = None
         if self.pos_emb is not None:
             rotary = rotary_matrices(self.pos_emb[0, positions].float(), self.dim_head).to(x.dtype)
-        shift = shift_weights(positions, self.text_len, self.fmap_size, self.dim, x.dtype) if self.shift else None
+        shift = None
+        if self.shift:  # the zero row: the cache's extra last row, or a zero row appended to x (no cache)
+            zero_row = cache.shifted.shape[3] - 1 if cache is not None else n
+            shift = shift_index(positions, self.text_len, self.fmap_size, self.dim, zero_row)
         masks = {}
 
         if self.reversible:
@@ -197,32 +210,29 @@ class Transformer(nn.Module):
             if kind == "sparse" or kind not in masks:
                 masks[kind] = self._query_mask(i, positions, keys, mask)
             mask_i = masks[kind]
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            kv = cache.kv[i] if cache is not None else None
             attn_kw = dict(mask=mask_i, rotary=rotary, kv_cache=kv, start=start)
-            attn_shift = self._shifter(cache, i, 0, positions, start, n, shift)
-            ff_shift = self._shifter(cache, i, 1, positions, start, n, shift)
+            attn_shift = self._shifter(cache, i, 0, start, n, shift)
+            ff_shift = self._shifter(cache, i, 1, start, n, shift)
             if self.reversible:
-                x1 = x1 + layer.attn(x2, attn_shift, **attn_kw)
-                x2 = x2 + layer.ff(x1, ff_shift)
+                x1 = layer.attn(x2, attn_shift, residual=x1, **attn_kw)
+                x2 = layer.ff(x1, ff_shift, residual=x2)
             else:
-                x = x + layer.attn(x, attn_shift, **attn_kw)
-                x = x + layer.ff(x, ff_shift)
+                x = layer.attn(x, attn_shift, **attn_kw)
+                x = layer.ff(x, ff_shift)
         return (x1 + x2) / 2 if self.reversible else x
 
-    def _shifter(self, cache, layer, branch, positions, start, n, weights):
+    def _shifter(self, cache, layer, branch, start, n, index):
         """Token shift for one branch; with a cache, the unshifted inputs are kept there for later tokens."""
         if not self.shift:
             return None
 
         def shift(h):
             if cache is None:
-                return shift_tokens(h, h, positions, weights, self.fmap_size)
+                return shift_tokens(F.pad(h, (0, 0, 0, 1)), index)
             history = cache.shifted[layer, branch]
-            if torch.is_tensor(start):
-                history.index_copy_(1, start, h)
-            else:
-                history[:, start:start + n] = h
-            return shift_tokens(h, history, positions, weights, self.fmap_size)
+            write_history(history, h, start)
+            return shift_tokens(history, index)
 
         return shift
 
@@ -231,11 +241,10 @@ class Transformer(nn.Module):
         max_len = max_len or self.seq_len
         p = self.layers[0].attn.norm.weight
         device, dtype = device or p.device, dtype or p.dtype
-        kv_shape = (self.depth, batch_size, self.heads, max_len, self.dim_head)
-        shifted = (torch.zeros(self.depth, 2, batch_size, max_len, self.dim, device=device, dtype=dtype)
+        kv = torch.zeros(self.depth, 2, batch_size, self.heads, max_len, self.dim_head, device=device, dtype=dtype)
+        shifted = (torch.zeros(self.depth, 2, batch_size, max_len + 1, self.dim, device=device, dtype=dtype)
                    if self.shift else None)
-        return InferenceCache(torch.zeros(kv_shape, device=device, dtype=dtype),
-                              torch.zeros(kv_shape, device=device, dtype=dtype), shifted)
+        return InferenceCache(kv, shifted)
 
 
 # -- DALLE-pytorch key layout ------------------------------------------------------------------------------------------
