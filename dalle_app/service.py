@@ -20,7 +20,6 @@ generator (Gradio does this when the client disconnects or presses Stop) cancels
 from __future__ import annotations
 
 import itertools
-import math
 import tempfile
 import threading
 import time
@@ -34,8 +33,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .engine import complete_text as engine_complete_text, generate_image_tokens, generate_in_chunks
-from .service_utils import (MAX_IMAGES, Cancelled, RequestError, Scheduler, Update, _eta_text, load_image, psnr,
-                            read_parameters, resolve_seeds, run_in_thread, save_png, to_pil, token_grid_picture,
+from .service_utils import (MAX_IMAGES, Cancelled, RequestError, Scheduler, Update, _eta_text, keep_mask, load_image,
+                            psnr, read_parameters, resolve_seeds, run_in_thread, save_png, to_pil, token_grid_picture,
                             validate_sampling)
 
 __all__ = ["MAX_IMAGES", "OutOfMemory", "RequestError", "Service", "Update", "read_parameters", "validate_sampling"]
@@ -322,19 +321,7 @@ class Service:
     def keep_mask(self, keep_rows, box=None, *, model: str | None = None) -> torch.Tensor:
         """(I,) bool: the first `keep_rows` token rows, plus the cells inside `box` = (left, top, right, bottom)
         given as fractions of the image in [0, 1]."""
-        side = self.get_model(model).image_fmap_size
-        rows = _number_rows(keep_rows, side)
-        mask = torch.zeros(side, side, dtype=torch.bool)
-        mask[:rows] = True
-        if box is not None and any(v is not None for v in box):
-            try:
-                left, top, right, bottom = (float(v) for v in box)
-            except (TypeError, ValueError):
-                raise RequestError("The keep box needs four numbers: left, top, right, bottom.") from None
-            if not (0 <= left < right <= 1 and 0 <= top < bottom <= 1):
-                raise RequestError("The keep box must satisfy 0 <= left < right <= 1 and 0 <= top < bottom <= 1.")
-            mask[math.floor(top * side):math.ceil(bottom * side), math.floor(left * side):math.ceil(right * side)] = True
-        return mask.flatten()
+        return keep_mask(self.get_model(model).image_fmap_size, keep_rows, box)
 
     def prime_image(self, image, prompt: str, keep_rows=4, num_images=4, temperature=1.0, top_k=64, cond_scale=1.0,
                     seed=-1, *, top_p=None, model: str | None = None, box=None,
@@ -421,12 +408,3 @@ class Service:
                      info={"seeds": list(result.seeds), "seconds": round(seconds, 3), "notes": notes,
                            "completions": texts, "model": m.reference, "top_p": options.top_p})
 
-
-def _number_rows(keep_rows, side: int) -> int:
-    try:
-        rows = float(keep_rows)
-    except (TypeError, ValueError):
-        raise RequestError(f"Rows to keep must be a number, got {keep_rows!r}.") from None
-    if rows != int(rows) or not 0 <= rows <= side:
-        raise RequestError(f"Rows to keep must be a whole number between 0 and {side}, got {keep_rows}.")
-    return int(rows)

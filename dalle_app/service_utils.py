@@ -122,6 +122,28 @@ def _check_pixels(image: Image.Image) -> None:
                            f"{Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels.")
 
 
+def keep_mask(side: int, keep_rows, box=None) -> torch.Tensor:
+    """(side*side,) bool for a side x side token grid: the first `keep_rows` rows, plus the cells inside `box` =
+    (left, top, right, bottom) given as fractions of the image in [0, 1]."""
+    try:
+        rows = float(keep_rows)
+    except (TypeError, ValueError):
+        raise RequestError(f"Rows to keep must be a number, got {keep_rows!r}.") from None
+    if not math.isfinite(rows) or rows != int(rows) or not 0 <= rows <= side:
+        raise RequestError(f"Rows to keep must be a whole number between 0 and {side}, got {keep_rows}.")
+    mask = torch.zeros(side, side, dtype=torch.bool)
+    mask[:int(rows)] = True
+    if box is not None and any(v is not None for v in box):
+        try:
+            left, top, right, bottom = (float(v) for v in box)
+        except (TypeError, ValueError):
+            raise RequestError("The keep box needs four numbers: left, top, right, bottom.") from None
+        if not (0 <= left < right <= 1 and 0 <= top < bottom <= 1):
+            raise RequestError("The keep box must satisfy 0 <= left < right <= 1 and 0 <= top < bottom <= 1.")
+        mask[math.floor(top * side):math.ceil(bottom * side), math.floor(left * side):math.ceil(right * side)] = True
+    return mask.flatten()
+
+
 # ----------------------------------------------------------------------------------------------- PNG metadata
 
 def save_png(image: Image.Image, path: Path, parameters: dict) -> str:
