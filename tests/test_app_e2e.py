@@ -204,13 +204,13 @@ def test_two_browser_sessions_each_keep_their_own_model(server, browser):
     page_a.locator("#model-panel").get_by_text("Model", exact=True).first.click()  # open the accordion
     page_a.get_by_label("Hub reference or local path").fill(str(other))
     page_a.locator("#load-model").click()
-    page_a.locator("#model-card").get_by_text(str(other)).first.wait_for(timeout=30000)
+    page_a.locator("#model-summary").get_by_text(str(other)).first.wait_for(timeout=30000)
     assert _generate(page_b, 31)["model"] == str(root / "model")  # B never asked: the default
     assert _generate(page_a, 32)["model"] == str(other)
     assert _generate(page_b, 33)["model"] == str(root / "model")  # A's switch did not reach B
     page_b.locator("#model-panel").get_by_text("Model", exact=True).first.click()
-    page_b.locator("#model-card").get_by_text(str(root / "model")).first.wait_for(timeout=10000)
-    assert str(other) not in page_b.locator("#model-card").inner_text()
+    page_b.locator("#model-summary").get_by_text(str(root / "model")).first.wait_for(timeout=10000)
+    assert str(other) not in page_b.locator("#model-summary").inner_text()
     a.close()
     b.close()
 

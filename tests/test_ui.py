@@ -120,13 +120,28 @@ def test_stop_reaches_only_the_session_that_asked(service):
 
 def test_load_model_returns_the_card_and_the_sessions_reference(service):
     h = Handlers(service)
-    card, ref, rerank, rows = h.load_model(None, "  weights/with-clip ")
+    summary, card, ref, rerank, rows = h.load_model(None, "  weights/with-clip ")
     assert ref == "weights/with-clip" and card["reference"] == ref and service.calls[-1] == ("load", ref)
+    assert "`weights/with-clip`" in summary and "| CLIP reranker | yes |" in summary
     assert rerank.interactive is True and rows.maximum == 8
-    _, _, rerank, _ = h.load_model(None, "weights/plain")
+    _, _, _, rerank, _ = h.load_model(None, "weights/plain")
     assert rerank.interactive is False and rerank.value is False
     with pytest.raises(gr.Error, match="No model was given"):
         h.load_model(None, "  ")
+
+
+def test_card_summary_names_size_vae_tokenizer_and_device():
+    from dalle_app.ui.handlers import card_markdown
+
+    card = {"reference": "weights/x", "parameters": {"dalle": 6_700_000, "vae": 670_000, "total": 7_370_000},
+            "image": {"size": 128, "fmap_size": 16, "tokens": 256}, "vae": {"kind": "DiscreteVAE", "num_tokens": 512},
+            "tokenizer": {"kind": "yttm", "vocab_size": 160}, "hparams": {"text_seq_len": 32}, "clip": None,
+            "device": "cuda", "dtype": "bfloat16"}
+    text = card_markdown(card)
+    for part in ("7.4 M parameters (dalle 6.7 M · vae 0.7 M)", "128 px, 16×16 = 256 tokens", "DiscreteVAE, 512 codes",
+                 "yttm, 160 tokens, prompts of 32 tokens", "| CLIP reranker | no |", "cuda, bfloat16"):
+        assert part in text
+    assert "?" in card_markdown({})  # an odd card still renders
 
 
 def test_send_to_priming_picks_the_selected_image_and_switches_tab():

@@ -11,7 +11,7 @@ import gradio as gr
 
 from ..service import MAX_IMAGES, RequestError
 from .examples import build_examples, example_prompts
-from .handlers import Handlers, error
+from .handlers import Handlers, card_markdown, error
 
 GPU = "gpu"  # one concurrency group for everything that runs the model
 
@@ -107,7 +107,9 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
                                        placeholder="owner/name[@revision] or weights/folder")
                 load_btn = gr.Button("Load model", elem_id="load-model")
             gr.Markdown("The model you load here is used for your requests only; other visitors keep theirs.")
-            model_card = gr.JSON(value=card, label="Model card", elem_id="model-card")
+            model_summary = gr.Markdown(card_markdown(card), elem_id="model-summary")
+            with gr.Accordion("Full model card (JSON)", open=False):
+                model_card = gr.JSON(value=card, label="Model card", elem_id="model-card")
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="t2i"):
                 with gr.Row():
@@ -145,7 +147,7 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
                         keep_rows = gr.Slider(0, side, value=side // 2, step=1, label="Token rows to keep (top)")
                         use_box = gr.Checkbox(label="Also keep a box (fractions of the image)")
                         with gr.Row():
-                            box = [gr.Number(v, label=n, minimum=0, maximum=1) for n, v in
+                            box = [gr.Number(v, label=n, minimum=0, maximum=1, min_width=60) for n, v in
                                    (("left", 0.0), ("top", 0.5), ("right", 0.5), ("bottom", 1.0))]
                         prime = _sampling("prime")
                         prime_seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
@@ -157,7 +159,7 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
                                                      label="Examples", cache_examples=False, api_visibility="private",
                                                      elem_id="prime-examples")
                     with gr.Column():
-                        kept = gr.Image(label="Kept part", format="png")
+                        kept = gr.Image(label="Kept part", format="png", height=256)
                         prime_gallery = gr.Gallery(label="Completions", format="png", columns=4,
                                                    elem_id="prime-gallery")
                         prime_progress = gr.HTML(elem_id="prime-progress")
@@ -235,6 +237,6 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
         png_file.upload(h.restore, png_file, [prompt, t2i["n"], t2i["temperature"], t2i["top_k"], t2i["top_p"],
                                               t2i["cond_scale"], seed, png_params], api_visibility="private")
         # loading reads weights: it runs in the queue, but beside the model work, not in its group
-        load_btn.click(h.load_model, [catalog_choice, model_ref], [model_card, model, rerank, keep_rows],
+        load_btn.click(h.load_model, [catalog_choice, model_ref], [model_summary, model_card, model, rerank, keep_rows],
                        concurrency_limit=1, api_visibility="private")
     return demo

@@ -63,6 +63,27 @@ def progress_html(update=None, *, idle: str = "", fraction: float | None = None)
             f'font-size:.85em;color:var(--body-text-color,#111)">{label}</span></div>')
 
 
+def _millions(count) -> str:
+    return f"{count / 1e6:.1f} M" if count else "?"
+
+
+def card_markdown(card: dict) -> str:
+    """A short readable summary of a model's info card: size, images, VAE, tokenizer, reranker, device, dtype."""
+    params = card.get("parameters") or {}
+    image, vae, tok = card.get("image") or {}, card.get("vae") or {}, card.get("tokenizer") or {}
+    side = image.get("fmap_size")
+    parts = " · ".join(f"{name} {_millions(params[name])}" for name in ("dalle", "vae", "clip") if params.get(name))
+    rows = [("Model", f"`{card.get('reference', '?')}`"),
+            ("Size", f"{_millions(params.get('total'))} parameters ({parts})" if parts else "?"),
+            ("Images", f"{image.get('size', '?')} px, {side}×{side} = {image.get('tokens', '?')} tokens"),
+            ("VAE", f"{vae.get('kind', '?')}, {vae.get('num_tokens', '?')} codes"),
+            ("Tokenizer", f"{tok.get('kind') or tok.get('name', '?')}, {tok.get('vocab_size', '?')} tokens, prompts of "
+                          f"{(card.get('hparams') or {}).get('text_seq_len', '?')} tokens"),
+            ("CLIP reranker", "yes" if card.get("clip") else "no"),
+            ("Runs on", f"{card.get('device', '?')}, {card.get('dtype', '?')}")]
+    return "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
+
+
 class ProgressBar:
     """The progress bar of one request. Keep-alives (`waiting`) keep the bar where it was: while the request waits
     for its turn they show the service's text (its place in line), while it computes they change nothing."""
@@ -200,8 +221,8 @@ class Handlers:
     # ------------------------------------------------------------------------------------------- model panel
 
     def load_model(self, choice, reference):
-        """Load the chosen model for this session only: (its card, the session's model reference, the rerank
-        checkbox and the rows-to-keep slider fitted to the model)."""
+        """Load the chosen model for this session only: (its card as Markdown and as JSON, the session's model
+        reference, the rerank checkbox and the rows-to-keep slider fitted to the model)."""
         from ..manager import Catalog
 
         try:
@@ -213,7 +234,7 @@ class Handlers:
             raise error(exc) from None
         side = (card.get("image") or {}).get("fmap_size") or 16
         has_clip = bool(card.get("clip"))
-        return (card, ref, gr.Checkbox(interactive=has_clip) if has_clip else gr.Checkbox(interactive=False, value=False),
+        return (card_markdown(card), card, ref, gr.Checkbox(interactive=has_clip) if has_clip else gr.Checkbox(interactive=False, value=False),
                 gr.Slider(maximum=side, value=side // 2))
 
     # ------------------------------------------------------------------------------------------- small controls
