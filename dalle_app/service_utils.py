@@ -260,10 +260,11 @@ class Ticket:
         self._release(finished=True)
 
     def position(self) -> int | None:
-        """How many requests wait ahead of this one (None when it is running or finished)."""
-        with self.scheduler._cond:
-            waiting = self.scheduler._waiting
-            return waiting.index(self) if self in waiting else None
+        """How many requests are ahead of this one: those computing now and those waiting before it (None when
+        this one is computing or finished)."""
+        s = self.scheduler
+        with s._cond:
+            return s._waiting.index(self) + s.workers - s._free if self in s._waiting else None
 
     def cancel(self) -> None:
         """Stop this request at its next pause point (or while it waits for a turn)."""

@@ -180,12 +180,15 @@ def slow_steps(monkeypatch):
     from dalle_app.engine import generate as engine_generate
 
     original = engine_generate._Stepper.__call__
+    rows = []
 
     def step(self, ids, pos):
+        rows.append(ids.shape[0])
         time.sleep(0.001 * ids.shape[0])
         return original(self, ids, pos)
 
     monkeypatch.setattr(engine_generate._Stepper, "__call__", step)
+    return rows  # images in each step, in the order the steps ran
 
 
 def _pixels(update):
@@ -230,7 +233,7 @@ def test_a_cancelled_ticket_leaves_the_queue():
     t = threading.Thread(target=lambda: errors.append(pytest.raises(Cancelled, waiting.__enter__)))
     t.start()
     time.sleep(0.05)
-    assert waiting.position() == 0
+    assert waiting.position() == 1  # the one computing
     waiting.cancel()
     t.join(2)
     assert not t.is_alive() and errors and scheduler.stats()["waiting"] == 0
@@ -327,3 +330,20 @@ def test_concurrent_requests_with_different_models_never_mix(service):
         alone = _last(service.text_to_image(prompt, count, seed=seed, top_k=8, model=model))
         assert _pixels(results[i]) == _pixels(alone)
     assert len({f for r in results.values() for f in r.files}) == sum(j[2] for j in jobs)  # no file overwritten
+
+
+def test_a_request_waiting_for_its_turn_gets_keep_alives_with_its_place(service, slow_steps):
+    fair = Service(service.default_reference, manager=service.manager, output_dir=service.output_dir, max_active=1,
+                   heartbeat_s=0.05)
+    big = threading.Thread(target=lambda: _last(fair.text_to_image("a blue square", 16, seed=0)))
+    big.start()
+    while not fair.scheduler.stats()["running"]:
+        time.sleep(0.005)
+    updates = list(fair.text_to_image("a red circle", 1, seed=1))
+    big.join(30)
+    waits = [u for u in updates if u.waiting]
+    assert waits and all(not u.images and not u.done for u in waits)
+    assert "1 request ahead" in waits[0].progress_text
+    assert updates[-1].done and updates[-1].info["seeds"] == [1]
+    # max_active=1: the small request starts only once the big one has finished
+    assert slow_steps.index(1) > max(i for i, n in enumerate(slow_steps) if n == 16)
