@@ -202,3 +202,10 @@ def test_keep_alives_hold_the_bar_and_show_the_place_in_line():
     assert "width:50.0%" in bar(Update(fraction=0.5, progress_text="32/64 tokens", tokens_per_s=10.0, eta_s=3.0))
     assert bar(Update(progress_text="32/64 tokens", waiting=True)) == gr.skip()  # a heartbeat while computing
     assert "width:50.0%" in bar(Update(progress_text="waiting for the model (1 request ahead)", waiting=True))
+
+
+def test_choosing_a_catalog_model_fills_the_reference_box():
+    from dalle_app.manager import BUILTIN_MODEL_DIR
+
+    assert Handlers.catalog_reference("shapes-dalle") == str(BUILTIN_MODEL_DIR)
+    assert Handlers.catalog_reference(None) == gr.skip()

@@ -102,7 +102,9 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
         with gr.Accordion("Model", open=False, elem_id="model-panel"):
             with gr.Row():
                 from ..manager import Catalog
-                catalog_choice = gr.Dropdown(Catalog().names(), label="Catalog model", value=None)
+                catalog = Catalog()
+                default_name = next((n for n in catalog.names() if catalog.get(n) == default_ref), None)
+                catalog_choice = gr.Dropdown(catalog.names(), label="Catalog model", value=default_name)
                 model_ref = gr.Textbox(label="Hub reference or local path", value=default_ref,
                                        placeholder="owner/name[@revision] or weights/folder")
                 load_btn = gr.Button("Load model", elem_id="load-model")
@@ -237,6 +239,7 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
         png_file.upload(h.restore, png_file, [prompt, t2i["n"], t2i["temperature"], t2i["top_k"], t2i["top_p"],
                                               t2i["cond_scale"], seed, png_params], api_visibility="private")
         # loading reads weights: it runs in the queue, but beside the model work, not in its group
+        catalog_choice.change(h.catalog_reference, catalog_choice, model_ref, **quick)
         load_btn.click(h.load_model, [catalog_choice, model_ref], [model_summary, model_card, model, rerank, keep_rows],
                        concurrency_limit=1, api_visibility="private")
     return demo

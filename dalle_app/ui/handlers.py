@@ -73,15 +73,15 @@ def card_markdown(card: dict) -> str:
     image, vae, tok = card.get("image") or {}, card.get("vae") or {}, card.get("tokenizer") or {}
     side = image.get("fmap_size")
     parts = " · ".join(f"{name} {_millions(params[name])}" for name in ("dalle", "vae", "clip") if params.get(name))
-    rows = [("Model", f"`{card.get('reference', '?')}`"),
-            ("Size", f"{_millions(params.get('total'))} parameters ({parts})" if parts else "?"),
+    rows = [("Size", f"{_millions(params.get('total'))} parameters ({parts})" if parts else "?"),
             ("Images", f"{image.get('size', '?')} px, {side}×{side} = {image.get('tokens', '?')} tokens"),
             ("VAE", f"{vae.get('kind', '?')}, {vae.get('num_tokens', '?')} codes"),
             ("Tokenizer", f"{tok.get('kind') or tok.get('name', '?')}, {tok.get('vocab_size', '?')} tokens, prompts of "
                           f"{(card.get('hparams') or {}).get('text_seq_len', '?')} tokens"),
             ("CLIP reranker", "yes" if card.get("clip") else "no"),
             ("Runs on", f"{card.get('device', '?')}, {card.get('dtype', '?')}")]
-    return "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
+    header = f"| Model | `{card.get('reference', '?')}` |"
+    return "\n".join([header, "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
 
 
 class ProgressBar:
@@ -238,6 +238,13 @@ class Handlers:
                 gr.Slider(maximum=side, value=side // 2))
 
     # ------------------------------------------------------------------------------------------- small controls
+
+    @staticmethod
+    def catalog_reference(choice):
+        """The reference of a catalog entry, for the reference box (nothing changes when the choice is cleared)."""
+        from ..manager import Catalog
+
+        return Catalog().get(choice) if choice else gr.skip()
 
     @staticmethod
     def select(evt: gr.SelectData):
