@@ -132,8 +132,8 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
                                                    cache_examples=False, api_visibility="private",
                                                    elem_id="t2i-examples")
                     with gr.Column():
-                        gallery = gr.Gallery(label="Images", format="png", columns=4, elem_id="gallery",
-                                             interactive=False)
+                        gallery = gr.Gallery(label="Images", format="png", columns=4,
+                                             elem_id="gallery", interactive=False)
                         send_btn = gr.Button("Send selected image to priming", size="sm", elem_id="send-to-priming")
                         progress = gr.HTML(elem_id="progress")
                         info = gr.JSON(label="Seeds and timing", elem_id="info")

@@ -59,7 +59,6 @@ def shoot(url: str, out: Path) -> list[Path]:
 
         page.locator("#t2i-examples [data-testid=dataset-cell-0-0]").click()
         page.locator("#info").get_by_text('"seeds"').wait_for(timeout=WAIT_MS)
-        page.locator("#gallery img").nth(1).click()  # selected, ready for "Send selected image to priming"
         page.wait_for_timeout(500)
         save("text_to_image")
 
