@@ -69,6 +69,14 @@ def _wait_for_steps(root: Path, rows: int, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
+def _wait_idle(root: Path, quiet: float = 0.5, timeout: float = 60) -> None:
+    """Wait until no decoding step has run for `quiet` seconds (an earlier test's request may still be running)."""
+    deadline = time.time() + timeout
+    while any(time.time() - last < quiet for _, last in _steps(root).values()):
+        assert time.time() < deadline, "the app never went idle"
+        time.sleep(0.05)
+
+
 def _paths(files):
     return [f["image"] if isinstance(f, dict) else f for f in files]
 
@@ -117,6 +125,7 @@ def _cancel_frees_the_slot(server, stop_client) -> tuple[float, float, float]:
     Returns (seconds until the big request's last step, small request's latency, its latency alone)."""
     url, root, _ = server
     client, other = (gradio_client.Client(url, verbose=False) for _ in range(2))
+    _wait_idle(root)
     before = _steps(root).get(BIG, [0])[0]
     job = client.submit("a green triangle", BIG, 1.0, 16, 1.0, 300, api_name="/text_to_image")
     deadline = time.time() + 30
@@ -170,6 +179,7 @@ def _submit_then_disconnect(url: str, values: dict, started: Callable[[], bool])
 
 def test_closed_browser_connection_frees_the_slot_at_once(server):
     url, root, _ = server
+    _wait_idle(root)
     before = _steps(root).get(BIG, [0])[0]
     values = {"Prompt": "a green triangle", "Number of images": BIG, "Temperature": 1.0, "Top-k (0 = all)": 16,
               "Top-p (1 = off)": 1.0, "Guidance scale (1 = off)": 1.0, "Seed (-1 = random)": 500,
