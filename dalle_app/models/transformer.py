@@ -149,8 +149,15 @@ class Transformer(nn.Module):
 
         if rotary_emb:
             self.register_buffer("pos_emb", rotary_table(self.text_len, image_fmap_size or 0, dim_head))
+            # rotation matrix of every position, from pos_emb (refreshed when a checkpoint's pos_emb is loaded)
+            self.register_buffer("rotations", rotary_matrices(self.pos_emb[0], dim_head), persistent=False)
+            self.register_load_state_dict_post_hook(_refresh_rotations)
         else:
-            self.pos_emb = None
+            self.pos_emb = self.rotations = None
+        if shift_tokens:  # which history row each channel of each position reads, for a cache of seq_len rows
+            positions = torch.arange(seq_len)
+            self.register_buffer("shift_sources", shift_index(positions, self.text_len, self.fmap_size, dim, seq_len),
+                                 persistent=False)
         for kind in set(self.layer_types) - {"sparse"}:
             if causal:
                 mask = attention_mask(kind, self.text_len, image_fmap_size or 1, seq_len, conv_like_window)
@@ -194,13 +201,14 @@ class Transformer(nn.Module):
         else:
             positions = torch.arange(start, start + n, device=x.device)
             keys = start + n
-        rotary = None
-        if self.pos_emb is not None:
-            rotary = rotary_matrices(self.pos_emb[0, positions].float(), self.dim_head).to(x.dtype)
+        rotary = self.rotations[positions].to(x.dtype) if self.rotations is not None else None
         shift = None
         if self.shift:  # the zero row: the cache's extra last row, or a zero row appended to x (no cache)
             zero_row = cache.shifted.shape[3] - 1 if cache is not None else n
-            shift = shift_index(positions, self.text_len, self.fmap_size, self.dim, zero_row)
+            if zero_row == self.seq_len:
+                shift = self.shift_sources[positions]
+            else:
+                shift = shift_index(positions, self.text_len, self.fmap_size, self.dim, zero_row)
         masks = {}
 
         if self.reversible:
@@ -298,6 +306,10 @@ def _from_reference_key(rest: str) -> str | None:
         if tail.startswith(theirs):
             return f"layers.{i}.{branch}.module.{ours}{tail[len(theirs):]}"
     return None
+
+
+def _refresh_rotations(module, incompatible_keys):
+    module.rotations.copy_(rotary_matrices(module.pos_emb[0].float(), module.dim_head))
 
 
 def _emit_reference_keys(module, state_dict, prefix, local_metadata):
