@@ -208,6 +208,10 @@ def test_two_browser_sessions_each_keep_their_own_model(server, browser):
     assert _generate(page_b, 31)["model"] == str(root / "model")  # B never asked: the default
     assert _generate(page_a, 32)["model"] == str(other)
     assert _generate(page_b, 33)["model"] == str(root / "model")  # A's switch did not reach B
+    for page, model in ((page_a, other), (page_b, root / "model")):  # the other tabs follow the session's model too
+        page.get_by_role("tab", name="VAE reconstruction").click()
+        page.locator("#vae-examples .gallery-item").first.click()
+        page.locator("#vae-info").get_by_text(str(model)).wait_for(timeout=30000)
     page_b.locator("#model-panel").get_by_text("Model", exact=True).first.click()
     page_b.locator("#model-summary").get_by_text(str(root / "model")).first.wait_for(timeout=10000)
     assert str(other) not in page_b.locator("#model-summary").inner_text()
