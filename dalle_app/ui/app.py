@@ -11,7 +11,7 @@ import gradio as gr
 
 from ..service import MAX_IMAGES, RequestError
 from .examples import build_examples, example_prompts
-from .handlers import Handlers, card_markdown, error
+from .handlers import Handlers, stream_updates, card_markdown, error
 
 GPU = "gpu"  # one concurrency group for everything that runs the model
 
@@ -52,6 +52,11 @@ def _last(updates):
     return last
 
 
+def _final(outputs):
+    """shown(update) for an API endpoint: nothing new (two skips) until the final update, then outputs(update)."""
+    return lambda u: outputs(u) if u.done else (gr.skip(), gr.skip())
+
+
 def _sampling(prefix: str, n_label: str = "Number of images", guidance: bool = True) -> dict:
     """The shared sampling controls of a tab (created in the current layout context)."""
     c = {"n": gr.Slider(1, MAX_IMAGES, value=4, step=1, label=n_label),
@@ -78,21 +83,27 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
     examples = build_examples(Path(examples_dir or Path(service.output_dir) / "examples"), token_rows=side)
 
     # ------------------------------------------------------------------------------ API endpoints (exact names)
+    # Generators that yield nothing new until the end: Gradio can then cancel them (Job.cancel(), a client that goes
+    # away), which closes the service's request and frees its turn on the model at once.
     def text_to_image(prompt, num_images, temperature, top_k, cond_scale, seed):
-        last = _last(service.text_to_image(prompt, num_images, temperature, top_k, cond_scale, seed))
-        return last.files, last.info
+        """Images for a prompt: returns the PNG files and {seeds, seconds, tokens_per_second, notes}."""
+        yield from stream_updates(lambda: service.text_to_image(prompt, num_images, temperature, top_k, cond_scale, seed),
+                           _final(lambda u: (u.files, u.info)))
 
     def prime_image(image, prompt, keep_rows, num_images, temperature, top_k, cond_scale, seed):
-        last = _last(service.prime_image(image, prompt, keep_rows, num_images, temperature, top_k, cond_scale, seed))
-        return last.files, last.info
+        """Keep the top `keep_rows` token rows of an image and complete the rest from a prompt."""
+        yield from stream_updates(lambda: service.prime_image(image, prompt, keep_rows, num_images, temperature, top_k,
+                                                       cond_scale, seed), _final(lambda u: (u.files, u.info)))
 
     def reconstruct(image):
+        """The image as the VAE sees it, its reconstruction and token grid; PSNR and codebook usage."""
         last = _last(service.reconstruct(image))
         return last.files, last.info
 
     def complete_text(prompt, num_completions, temperature, top_k, seed):
-        last = _last(service.complete_text(prompt, num_completions, temperature, top_k, seed))
-        return "\n".join(last.texts), last.info
+        """Completions of a prompt prefix, one per line, and {seeds, seconds, completions}."""
+        yield from stream_updates(lambda: service.complete_text(prompt, num_completions, temperature, top_k, seed),
+                           _final(lambda u: ("\n".join(u.texts), u.info)))
 
     with gr.Blocks(title="dalle_app", analytics_enabled=False) as demo:
         gr.Markdown("# dalle_app\nDALLE-pytorch models: text to image, priming, VAE reconstruction, text completion.")

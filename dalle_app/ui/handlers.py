@@ -108,7 +108,7 @@ def _shown(update):
     return update.files if update.done and update.files else update.images
 
 
-def _stream(start, shown):
+def stream_updates(start, shown):
     """Yield shown(update) for each update of the request `start()`, with one-sentence errors. When the handler is
     abandoned (its browser tab closed), the request is closed too, so it gives up its turn on the model at once."""
     try:
@@ -171,7 +171,7 @@ class Handlers:
             seeds = u.info.get("seeds") if u.done else None
             return _shown(u), bar(u), u.info if u.done else gr.skip(), seeds[0] if seeds else gr.skip()
 
-        yield from _stream(lambda: self.service.text_to_image(
+        yield from stream_updates(lambda: self.service.text_to_image(
             prompt, num_images, temperature, top_k, cond_scale, seed, top_p=top_p_value(top_p), model=model or None,
             rerank_keep=int(keep) if rerank else 0, should_stop=self._should_stop(request)), shown)
 
@@ -187,7 +187,7 @@ class Handlers:
                 return gr.skip(), bar(u), gr.skip(), u.images[0]
             return _shown(u), bar(u), u.info if u.done else gr.skip(), gr.skip()
 
-        yield from _stream(lambda: self.service.prime_image(
+        yield from stream_updates(lambda: self.service.prime_image(
             image, prompt, keep_rows, num_images, temperature, top_k, cond_scale, seed, top_p=top_p_value(top_p),
             model=model or None, box=box, should_stop=self._should_stop(request)), shown)
 
@@ -204,7 +204,7 @@ class Handlers:
         def shown(u):
             return "\n".join(u.texts) if u.texts else gr.skip(), bar(u), u.info if u.done else gr.skip()
 
-        yield from _stream(lambda: self.service.complete_text(
+        yield from stream_updates(lambda: self.service.complete_text(
             prompt, num_completions, temperature, top_k, seed, top_p=top_p_value(top_p), model=model or None,
             should_stop=self._should_stop(request)), shown)
 
