@@ -26,6 +26,8 @@ def main(argv=None) -> None:
     parser.add_argument("--weights-copy", default=None, help="also save models only (no optimizers) here")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override recipe fields (JSON values), e.g. --set dalle_steps=20000 num_workers=14")
+    parser.add_argument("--stop-at-phase", default=None, choices=["dalle", "clip"],
+                        help="stop (and save) when this phase would begin, e.g. after the VAE")
     parser.add_argument("--export-anyway", action="store_true", help="export even if training is not finished")
     args = parser.parse_args(argv)
 
@@ -40,7 +42,7 @@ def main(argv=None) -> None:
     if args.restart_clip:
         trainer.restart_clip()
     t = time.time()
-    done = trainer.run(args.minutes * 60 if args.minutes else float("inf"))
+    done = trainer.run(args.minutes * 60 if args.minutes else float("inf"), stop_at_phase=args.stop_at_phase)
     print(f"this call trained {time.time() - t:.0f} s; total {trainer.seconds / 60:.1f} min; "
           f"phase {trainer.phase} step {trainer.step}")
     trainer.plot(state_dir / "loss_curves.png")

@@ -17,7 +17,8 @@ class TrainConfig:
                                                    hidden_dim=128, num_resnet_blocks=2))
     vae_steps: int = 20000
     vae_batch: int = 64
-    vae_lr: float = 1e-3
+    vae_lr: float = 4e-4  # 1e-3 made the 128-channel VAE collapse (14 dB) once the temperature fell
+    vae_grad_clip: float = 1.0
     vae_temp_start: float = 1.0
     vae_temp_end: float = 1 / 16
     vae_hard_from: float = 0.7  # fraction of VAE steps after which sampling is straight-through (hard)
@@ -26,7 +27,7 @@ class TrainConfig:
     dalle: dict = field(default_factory=lambda: dict(dim=256, depth=6, heads=8, dim_head=32, attn_types=("full",),
                                                      shift_tokens=True, rotary_emb=True, loss_img_weight=7))
     dalle_steps: int = 16000
-    dalle_batch: int = 256
+    dalle_batch: int = 128
     dalle_lr: float = 6e-4
     weight_decay: float = 0.01
     warmup: int = 200
@@ -36,7 +37,7 @@ class TrainConfig:
                                                            visual_heads=4, visual_image_size=128,
                                                            visual_patch_size=16))
     clip_lr: float = 2e-4
-    clip_steps: int = 3000  # CLIP trains on the first clip_steps DALLE batches (after a restart: from then on)
+    clip_steps: int = 2000  # CLIP trains on the first clip_steps DALLE batches (after a restart: from then on)
     seed: int = 0
     num_workers: int = 12
     log_every: int = 25

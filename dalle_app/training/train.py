@@ -167,6 +167,8 @@ class Trainer:
             loss = self.vae(images, return_loss=True, temp=temp)
         self.opt_vae.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.vae_grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.vae_grad_clip)
         self.opt_vae.step()
         out = {"vae": loss.item(), "temp": temp}
         if self.step % self.cfg.log_every == 0:
@@ -195,7 +197,7 @@ class Trainer:
         for g in self.opt_dalle.param_groups:
             g["lr"] = lr_at(self.step, cfg.dalle_steps, cfg.dalle_lr, cfg.warmup)
         self.vae.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             ids = self.vae.get_codebook_indices(images)
         self.dalle.train()
         with self._autocast():
@@ -230,10 +232,11 @@ class Trainer:
         return out
 
     # -- driver --------------------------------------------------------------------------------------------------
-    def run(self, seconds: float, save_every: float = 120.0) -> bool:
-        """Train for at most `seconds` (wall clock); returns True when every phase is done."""
+    def run(self, seconds: float, save_every: float = 120.0, stop_at_phase: str | None = None) -> bool:
+        """Train for at most `seconds` (wall clock), or until phase `stop_at_phase` begins; returns True when every
+        phase is done."""
         start = last_save = time.time()
-        while self.phase != "done" and seconds > 0:
+        while self.phase not in ("done", stop_at_phase) and seconds > 0:
             total = {"vae": self.cfg.vae_steps, "dalle": self.cfg.dalle_steps, "clip": self.cfg.clip_steps}[self.phase]
             batch = self.cfg.vae_batch if self.phase == "vae" else self.cfg.dalle_batch
             self.vae.requires_grad_(self.phase == "vae")
