@@ -11,7 +11,7 @@ import gradio as gr
 
 from ..service import MAX_IMAGES, RequestError
 from .examples import build_examples, example_prompts
-from .handlers import Handlers, stream_updates, card_markdown, error
+from .handlers import Handlers, card_markdown, error, stream_updates
 
 GPU = "gpu"  # one concurrency group for everything that runs the model
 
@@ -87,13 +87,15 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
     # away), which closes the service's request and frees its turn on the model at once.
     def text_to_image(prompt, num_images, temperature, top_k, cond_scale, seed):
         """Images for a prompt: returns the PNG files and {seeds, seconds, tokens_per_second, notes}."""
-        yield from stream_updates(lambda: service.text_to_image(prompt, num_images, temperature, top_k, cond_scale, seed),
-                           _final(lambda u: (u.files, u.info)))
+        yield from stream_updates(
+            lambda: service.text_to_image(prompt, num_images, temperature, top_k, cond_scale, seed),
+            _final(lambda u: (u.files, u.info)))
 
     def prime_image(image, prompt, keep_rows, num_images, temperature, top_k, cond_scale, seed):
         """Keep the top `keep_rows` token rows of an image and complete the rest from a prompt."""
-        yield from stream_updates(lambda: service.prime_image(image, prompt, keep_rows, num_images, temperature, top_k,
-                                                       cond_scale, seed), _final(lambda u: (u.files, u.info)))
+        yield from stream_updates(
+            lambda: service.prime_image(image, prompt, keep_rows, num_images, temperature, top_k, cond_scale, seed),
+            _final(lambda u: (u.files, u.info)))
 
     def reconstruct(image):
         """The image as the VAE sees it, its reconstruction and token grid; PSNR and codebook usage."""
@@ -102,8 +104,9 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
 
     def complete_text(prompt, num_completions, temperature, top_k, seed):
         """Completions of a prompt prefix, one per line, and {seeds, seconds, completions}."""
-        yield from stream_updates(lambda: service.complete_text(prompt, num_completions, temperature, top_k, seed),
-                           _final(lambda u: ("\n".join(u.texts), u.info)))
+        yield from stream_updates(
+            lambda: service.complete_text(prompt, num_completions, temperature, top_k, seed),
+            _final(lambda u: ("\n".join(u.texts), u.info)))
 
     with gr.Blocks(title="dalle_app", analytics_enabled=False) as demo:
         gr.Markdown("# dalle_app\nDALLE-pytorch models: text to image, priming, VAE reconstruction, text completion.")

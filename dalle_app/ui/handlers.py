@@ -233,9 +233,8 @@ class Handlers:
         except Exception as exc:  # noqa: BLE001
             raise error(exc) from None
         side = (card.get("image") or {}).get("fmap_size") or 16
-        has_clip = bool(card.get("clip"))
-        return (card_markdown(card), card, ref, gr.Checkbox(interactive=has_clip) if has_clip else gr.Checkbox(interactive=False, value=False),
-                gr.Slider(maximum=side, value=side // 2))
+        rerank = gr.Checkbox(interactive=True) if card.get("clip") else gr.Checkbox(interactive=False, value=False)
+        return card_markdown(card), card, ref, rerank, gr.Slider(maximum=side, value=side // 2)
 
     # ------------------------------------------------------------------------------------------- small controls
 
