@@ -89,7 +89,8 @@ def test_text_to_image_passes_top_p_model_and_rerank_and_ends_on_the_written_png
     assert call["top_p"] == pytest.approx(0.8) and call["model"] == "weights/other" and call["rerank_keep"] == 1
     preview, final = out
     assert "120 tokens/s" in preview[1] and all(isinstance(im, Image.Image) for im in preview[0])
-    assert all(str(f).endswith(".png") for f in final[0]) and final[2]["seeds"] == [7, 8] and final[3] == 7
+    assert [caption for _, caption in final[0]] == ["seed 7", "seed 8"]
+    assert all(str(f).endswith(".png") for f, _ in final[0]) and final[2]["seeds"] == [7, 8] and final[3] == 7
     list(h.text_to_image(None, "a red circle", 1, 1.0, 64, 1.0, 1.0, 0, False, 1))
     assert service.calls[-1][1]["model"] is None and service.calls[-1][1]["top_p"] is None
     assert service.calls[-1][1]["rerank_keep"] == 0
@@ -101,6 +102,10 @@ def test_prime_complete_and_reconstruct_use_the_session_model(service):
     assert service.calls[-1] == ("prime_image", {"image": "in.png", "top_p": 0.7, "model": "m1",
                                                  "box": (0, 0.5, 0.5, 1)})
     assert isinstance(out[0][3], Image.Image) and len(out[-1][0]) == 2  # kept part first, then completions
+    from dalle_app.ui.handlers import _shown
+
+    reranked = Update(files=["a.png", "b.png"], done=True, info={"seeds": [4, 2], "clip_scores": [0.31, 0.2]})
+    assert _shown(reranked) == [("a.png", "seed 4 · CLIP 0.310"), ("b.png", "seed 2 · CLIP 0.200")]
     text = list(h.complete_text("m2", "a red", 2, 1.0, 64, 0.5, 4))
     assert service.calls[-1][1] == {"prompt": "a red", "top_p": 0.5, "model": "m2"}
     assert text[-1][0] == "a red circle\na red circle"

@@ -101,11 +101,17 @@ class ProgressBar:
 
 
 def _shown(update):
-    """The gallery value of an update: the written PNGs (with their parameters) once done, else the previews;
-    a keep-alive while waiting for a turn leaves the gallery as it is."""
+    """The gallery value of an update: the written PNGs (with their parameters), captioned with their seeds and CLIP
+    scores, once done; else the previews. A keep-alive while waiting for a turn leaves the gallery as it is."""
     if getattr(update, "waiting", False) or not (update.images or update.files):
         return gr.skip()
-    return update.files if update.done and update.files else update.images
+    if not (update.done and update.files):
+        return update.images
+    seeds, scores = update.info.get("seeds") or [], update.info.get("clip_scores") or []
+    captions = [" · ".join(([f"seed {seeds[i]}"] if i < len(seeds) else []) +
+                           ([f"CLIP {scores[i]:.3f}"] if i < len(scores) else [])) or None
+                for i in range(len(update.files))]
+    return list(zip(update.files, captions))
 
 
 def stream_updates(start, shown):
