@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")),
                         help="env GRADIO_SERVER_PORT")
     parser.add_argument("--queue-size", type=int, default=int(env("DALLE_APP_QUEUE_SIZE", "32")),
-                        help="most requests waiting in the queue")
+                        help="most requests waiting in the queue (env DALLE_APP_QUEUE_SIZE)")
     parser.add_argument("--concurrency", type=int, default=int(env("DALLE_APP_CONCURRENCY", "1")),
                         help="requests computing on the model at once (GPU workers; env DALLE_APP_CONCURRENCY)")
     parser.add_argument("--max-active", type=int, default=int(env("DALLE_APP_MAX_ACTIVE", "0")) or None,
