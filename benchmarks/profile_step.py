@@ -73,8 +73,10 @@ def main():
         for compile_step in modes:
             cache = dalle.new_cache(seqs)
             seeds = torch.arange(images, device=device)
+            t = time.perf_counter()
             with torch.no_grad():
                 stepper = _Stepper(dalle, cache, seeds, options, guided, use_graph=True, compile=compile_step)
+            setup = time.perf_counter() - t
             kernels = kernels_per_step(stepper, images, dalle.text_seq_len + 1 + dalle.image_seq_len // 2,
                                        table=args.table)
             micro = replay_microseconds(stepper)
@@ -89,7 +91,8 @@ def main():
             tokens[compile_step] = result.image_ids
             print(f"{args.shape} images={images} cs={args.cond_scale:g} compile={compile_step}: "
                   f"{kernels} kernels/step, {micro:.0f} us GPU per replayed step, "
-                  f"generation {' '.join(f'{t:.3f}' for t in times)} s", flush=True)
+                  f"generation {' '.join(f'{t:.3f}' for t in times)} s (capture{' and compile' if compile_step else ''} "
+                  f"{setup:.1f} s)", flush=True)
         if len(tokens) == 2:
             same = (tokens[False] == tokens[True]).float().mean().item()
             print(f"  compiled tokens equal to eager: {same:.1%}", flush=True)

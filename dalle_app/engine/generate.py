@@ -82,9 +82,13 @@ _COMPILED = None
 
 
 def _compiled_step():
-    """`_decode_step` through torch.compile (fuses the step's many small kernels; compiles once per shape)."""
+    """`_decode_step` through torch.compile: one graph per batch shape, the cache updated in place, the step's many
+    small kernels fused. Requests come in many batch sizes, hence the raised recompile limit."""
     global _COMPILED
     if _COMPILED is None:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED = torch.compile(_decode_step, dynamic=False)
     return _COMPILED
 

@@ -171,7 +171,6 @@ def attend_static_cache(q, k, v, mask):
     return weights.to(v.dtype) @ v
 
 
-@torch.compiler.disable  # a cache write inside a compiled graph becomes a copy of the whole cache
 def write_kv(kv_cache: torch.Tensor, kv: torch.Tensor, start):
     """Store keys and values kv (2, b, heads, n, dim_head) at positions start.. of one layer's cache
     (2, b, heads, max_len, dim_head) and return the keys and values visible to these queries."""

@@ -27,24 +27,26 @@ from .attention import (Attention, FeedForward, attention_mask, rotary_matrices,
 class InferenceCache:
     """Static, preallocated decoding state for one batch: written in place, never resized.
 
-    kv:      (depth, 2, batch, heads, max_len, dim_head) keys (0) and values (1) after rotary, per layer (not per
-             shared module); one tensor so that a step writes both with one copy.
-    shifted: (depth, 2, batch, max_len + 1, dim) normalised inputs of the attention (0) and feed-forward (1) branches,
-             which token shift reads back from; the extra last row stays zero (what shifted-in edge channels read).
-             None when the model does not shift tokens.
+    kv:      one tensor per layer (not per shared module), (2, batch, heads, max_len, dim_head): keys (0) and
+             values (1) after rotary, in one tensor so that a step writes both with one copy.
+    shifted: one tensor per layer and branch (attention at 2*i, feed-forward at 2*i + 1), (batch, max_len + 1, dim):
+             the normalised branch inputs that token shift reads back from; the extra last row stays zero (what
+             shifted-in edge channels read). None when the model does not shift tokens.
+    Separate tensors rather than one big one: torch.compile updates a graph input in place, but turns a write into
+    a view of one (cache[i]) into a copy of the whole tensor.
     """
 
-    kv: torch.Tensor
-    shifted: torch.Tensor | None = None
+    kv: list[torch.Tensor]
+    shifted: list[torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
-        return self.kv.shape[2]
+        return self.kv[0].shape[1]
 
     def select(self, rows: torch.Tensor) -> "InferenceCache":
         """A new cache holding only the given batch rows (used to drop finished or cancelled rows)."""
-        shifted = self.shifted.index_select(2, rows) if self.shifted is not None else None
-        return InferenceCache(self.kv.index_select(2, rows), shifted)
+        shifted = [h.index_select(0, rows) for h in self.shifted] if self.shifted is not None else None
+        return InferenceCache([kv.index_select(1, rows) for kv in self.kv], shifted)
 
 
 def shift_index(positions: torch.Tensor, text_len: int, fmap_size: int, dim: int, zero_row: int) -> torch.Tensor:
@@ -67,7 +69,6 @@ def shift_index(positions: torch.Tensor, text_len: int, fmap_size: int, dim: int
     return torch.where(is_text, text_src, image_src)
 
 
-@torch.compiler.disable  # a cache write inside a compiled graph becomes a copy of the whole cache
 def write_history(history: torch.Tensor, h: torch.Tensor, start) -> None:
     """Store the normalised tokens h (b, n, d) at positions start.. of a token-shift history (b, max_len + 1, d)."""
     if torch.is_tensor(start):
@@ -204,7 +205,7 @@ class Transformer(nn.Module):
         rotary = self.rotations[positions].to(x.dtype) if self.rotations is not None else None
         shift = None
         if self.shift:  # the zero row: the cache's extra last row, or a zero row appended to x (no cache)
-            zero_row = cache.shifted.shape[3] - 1 if cache is not None else n
+            zero_row = cache.shifted[0].shape[1] - 1 if cache is not None else n
             if zero_row == self.seq_len:
                 shift = self.shift_sources[positions]
             else:
@@ -238,7 +239,7 @@ class Transformer(nn.Module):
         def shift(h):
             if cache is None:
                 return shift_tokens(F.pad(h, (0, 0, 0, 1)), index)
-            history = cache.shifted[layer, branch]
+            history = cache.shifted[2 * layer + branch]
             write_history(history, h, start)
             return shift_tokens(history, index)
 
@@ -249,9 +250,10 @@ class Transformer(nn.Module):
         max_len = max_len or self.seq_len
         p = self.layers[0].attn.norm.weight
         device, dtype = device or p.device, dtype or p.dtype
-        kv = torch.zeros(self.depth, 2, batch_size, self.heads, max_len, self.dim_head, device=device, dtype=dtype)
-        shifted = (torch.zeros(self.depth, 2, batch_size, max_len + 1, self.dim, device=device, dtype=dtype)
-                   if self.shift else None)
+        kv = [torch.zeros(2, batch_size, self.heads, max_len, self.dim_head, device=device, dtype=dtype)
+              for _ in range(self.depth)]
+        shifted = ([torch.zeros(batch_size, max_len + 1, self.dim, device=device, dtype=dtype)
+                    for _ in range(2 * self.depth)] if self.shift else None)
         return InferenceCache(kv, shifted)
 
 
