@@ -233,7 +233,7 @@ def test_cli_generate_writes_the_same_pngs(server, tmp_path):
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and bad.stderr.startswith("error:")
 
 
-def test_browser_shows_the_place_in_the_queue(tmp_path, browser):
+def test_browser_shows_the_place_in_the_queue_and_stop_returns_partial_images(tmp_path, browser):
     # one request at a time (--max-active 1), each decoding step slowed down without using the CPU
     proc, url, _ = start_app(tmp_path, "--max-active", "1", faults=True, env={"DALLE_TEST_STEP_DELAY": "0.03"})
     try:
@@ -241,15 +241,21 @@ def test_browser_shows_the_place_in_the_queue(tmp_path, browser):
         for page in pages:
             page.goto(url)
             page.get_by_label("Prompt", exact=True).fill("a blue square")
-            page.locator("#t2i-top-p input[type=number]").wait_for()
-            page.get_by_label("Number of images").first.fill("1")
+            number = page.get_by_label("number input for Number of images").first
+            number.fill("1")
+            number.press("Enter")
         pages[0].locator("#generate").click()
         pages[0].wait_for_function("() => document.querySelector('#progress [role=progressbar]')", timeout=30000)
         pages[1].locator("#generate").click()  # waits behind the first: Gradio shows its place
         pages[1].locator("#progress").get_by_text(re.compile(r"queue: 1/\d")).wait_for(timeout=10000)
+        pages[0].locator("#stop").click()
+        pages[0].locator("#progress").get_by_text("stopped").wait_for(timeout=10000)
+        stopped = _gallery_parameters(pages[0])
+        assert len(stopped) == 1 and stopped[0]["settings"]["completed"] is False  # the partial image, saved
+        pages[1].locator("#progress").get_by_text("done").wait_for(timeout=30000)
+        finished = _gallery_parameters(pages[1])
+        assert len(finished) == 1 and finished[0]["settings"]["completed"] is True
         for page in pages:
-            page.locator("#gallery img").first.wait_for(timeout=30000)
-            page.locator("#info").get_by_text('"seeds"').wait_for(timeout=30000)
             page.close()
     finally:
         stop_app(proc)
