@@ -111,6 +111,42 @@ def time_uncached(dalle, rows, cond_scale, device, tokens=16):
     return (time.perf_counter() - t) / tokens * dalle.image_seq_len
 
 
+def reference_dalle(dalle):
+    """DALLE-pytorch 1.6.6's DALLE with the same hparams and weights, or None when the package is not importable.
+
+    Where taming / deepspeed / youtokentome are missing, the stand-ins of tests/fixtures/reference_stubs.py are
+    installed first (none of them is used by a DiscreteVAE model)."""
+    try:
+        import dalle_pytorch  # noqa: F401
+    except ImportError:
+        try:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
+            import reference_stubs
+
+            reference_stubs.install()
+            import dalle_pytorch  # noqa: F401
+        except ImportError:
+            return None
+    import dalle_pytorch
+
+    vae = dalle_pytorch.DiscreteVAE(**dalle.vae.config())
+    hparams = {k: v for k, v in dalle.hparams.items() if k != "conv_like_window"}
+    reference = dalle_pytorch.DALLE(vae=vae, **hparams)
+    reference.load_state_dict(dalle.state_dict())
+    return reference.to(next(dalle.parameters()).device).eval()
+
+
+@torch.no_grad()
+def time_reference(reference, dalle, rows, cond_scale, device):
+    """Seconds for DALLE-pytorch's own `generate_images` (its KV cache on, as its generate.py does)."""
+    text = prompt(dalle, rows).to(device)
+    sync(device)
+    t = time.perf_counter()
+    reference.generate_images(text, filter_thres=0.9, cond_scale=cond_scale, use_cache=True)
+    sync(device)
+    return time.perf_counter() - t
+
+
 def bytes_per_step(dalle, rows, cond_scale):
     weights = sum(p.numel() * p.element_size() for n, p in dalle.named_parameters() if not n.startswith("vae."))
     t = dalle.transformer
@@ -131,6 +167,8 @@ def main():
     ap.add_argument("--no-uncached", action="store_true")
     ap.add_argument("--compile", action="store_true", help="fuse the decode step with torch.compile (CUDA)")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
+    ap.add_argument("--reference", action="store_true", help="also time DALLE-pytorch 1.6.6 on the same weights "
+                    "(when importable; otherwise its times from reference_timings.md are shown)")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -143,12 +181,15 @@ def main():
     rows_out = []
     for shape in shapes:
         dalle = build(shape, device, dtype)
+        reference = reference_dalle(dalle) if args.reference else None
         for images in args.images or [8, 1]:
             for cs in args.cond_scale or [3.0, 1.0]:
                 sec = time_engine(dalle, images, cs, args.repeats, device, compile_step=args.compile)
                 per_token = sec / dalle.image_seq_len
                 unc = None if args.no_uncached else time_uncached(dalle, images, cs, device)
                 ref = REFERENCE_SECONDS.get((shape, images, cs))
+                if reference is not None:
+                    ref = round(time_reference(reference, dalle, images, cs, device), 2)
                 floor = bytes_per_step(dalle, images, cs) / bandwidth
                 row = dict(shape=shape, images=images, cond_scale=cs, seconds=sec, ms_per_token=per_token * 1e3,
                            uncached_seconds=unc, reference_seconds=ref, floor_fraction=floor / per_token,

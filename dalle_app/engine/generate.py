@@ -102,6 +102,8 @@ class _Stepper:
         self.options = options
         self.top_k = options.effective_top_k(dalle.num_image_tokens, dalle.total_tokens)
         self.graph = None
+        # the position as a tensor: one graph or compiled program serves every position
+        self.static_pos = torch.full((1,), dalle.text_seq_len + 1, dtype=torch.long, device=seeds.device)
         if use_graph:
             self._capture()
 
@@ -114,7 +116,6 @@ class _Stepper:
     def _capture(self):
         dev = self.seeds.device
         self.static_ids = torch.zeros(len(self.seeds), 1, dtype=torch.long, device=dev)
-        self.static_pos = torch.full((1,), self.dalle.text_seq_len + 1, dtype=torch.long, device=dev)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up kernels outside the graph
@@ -127,7 +128,7 @@ class _Stepper:
 
     def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         if self.graph is None:
-            return self._run_step(ids, pos)
+            return self._run_step(ids, self.static_pos.fill_(pos) if self.compile else pos)
         self.static_ids.copy_(ids)
         self.static_pos.fill_(pos)
         self.graph.replay()
