@@ -51,3 +51,16 @@ def test_recipe_overrides_and_resumed_runs_keep_their_recipe(tmp_path):
     trainer.save()
     again = Trainer(quick_config(), tmp_path / "state", torch.device("cpu"), overrides=["clip_steps=7"])
     assert again.cfg.dalle_steps == 12 and again.vae.hidden_dim == 8 and again.cfg.clip_steps == 7
+
+
+def test_default_recipe_is_the_one_of_the_shipped_weights():
+    import json
+    from pathlib import Path
+
+    from dalle_app.training import TrainConfig
+
+    shipped = json.loads((Path(__file__).parents[1] / "weights/shapes-dalle/config.json").read_text())
+    cfg = TrainConfig()
+    assert {k: shipped["vae"]["params"][k] for k in cfg.vae} == cfg.vae
+    assert all(shipped["dalle"][k] == (list(v) if isinstance(v, tuple) else v) for k, v in cfg.dalle.items())
+    assert {k: shipped["clip"]["params"][k] for k in cfg.clip} == cfg.clip

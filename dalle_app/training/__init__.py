@@ -3,7 +3,7 @@
     from dalle_app.training import Trainer, TrainConfig, quick_config
 """
 
-from .config import TrainConfig, quick_config
+from .config import RECIPES, TrainConfig, quick_config, v2_config
 from .train import TOKENIZER_FILE, Trainer, psnr
 
-__all__ = ["TOKENIZER_FILE", "TrainConfig", "Trainer", "psnr", "quick_config"]
+__all__ = ["RECIPES", "TOKENIZER_FILE", "TrainConfig", "Trainer", "psnr", "quick_config", "v2_config"]

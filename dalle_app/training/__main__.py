@@ -9,14 +9,16 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig, quick_config
+from .config import RECIPES
 from .train import Trainer
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dalle_app.training", description=__doc__)
     parser.add_argument("--out", required=True, help="project-format folder written when training is done")
-    parser.add_argument("--quick", action="store_true", help="tiny recipe, under a minute on a CPU")
+    parser.add_argument("--quick", action="store_true", help="tiny recipe, under a minute on a CPU (= --recipe quick)")
+    parser.add_argument("--recipe", default="v1", choices=sorted(RECIPES),
+                        help="v1: the shipped weights' recipe (default); v2: sharper VAE; a resumed run keeps its own")
     parser.add_argument("--resume", default=None, help="checkpoint folder to continue from and save to "
                         "(default: runs/<name of --out>)")
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget for this call")
@@ -36,7 +38,7 @@ def main(argv=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
-    cfg = quick_config() if args.quick else TrainConfig()
+    cfg = RECIPES["quick" if args.quick else args.recipe]()
     state_dir = Path(args.resume or Path("runs") / Path(args.out).name)
     trainer = Trainer(cfg, state_dir, device, shard_mib=args.shard_mib, overrides=args.set)
     if args.restart_clip:

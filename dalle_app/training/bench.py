@@ -1,6 +1,6 @@
 """Training speed of the recipe on this machine, to size its step counts to a time budget.
 
-    python -m dalle_app.training.bench [--seconds 15] [--json bench.json] [--set NAME=VALUE ...]
+    python -m dalle_app.training.bench [--recipe v2] [--seconds 15] [--json bench.json] [--set NAME=VALUE ...]
 
 Measures, each for about --seconds: the data loader alone (rendered images per second with the recipe's
 workers), VAE training steps per second, and DALLE (+ CLIP) training steps per second on real batches, with a
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .config import TrainConfig, quick_config
+from .config import RECIPES, TrainConfig
 from .train import Trainer
 
 
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dalle_app.training.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--quick", action="store_true", help="the tiny recipe")
+    parser.add_argument("--recipe", default="v1", choices=sorted(RECIPES))
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default=None)
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    cfg = quick_config() if args.quick else TrainConfig()
+    cfg = RECIPES[args.recipe]()
     cfg.override(args.set)
     result = measure(cfg, device, args.seconds)
     print(json.dumps(result, indent=2))
