@@ -239,3 +239,8 @@ def test_batches_are_uint8_channels_last_and_match_the_per_sample_stream():
         assert torch.equal((image * 255).round().to(torch.uint8), images[i].permute(2, 0, 1))
     small, _ = next(iter(ShapesBatches(2, seed=3, image_size=32)))
     assert small.shape == (2, 32, 32, 3)
+
+
+def test_judge_reads_soft_renders():
+    accuracy = measure_judge_accuracy(n_scenes=150, seed=7, blur=1.5)  # softer edges than the VAE's reconstructions
+    assert all(value >= 0.98 for value in accuracy.values()), accuracy
