@@ -8,6 +8,8 @@ gives the same result as those kernels, needs no DeepSpeed, and makes every laye
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -95,24 +97,46 @@ def rotary_table(text_len: int, fmap_size: int, dim_head: int) -> torch.Tensor:
     return table[None]
 
 
-def rotary_matrices(angles: torch.Tensor, dim_head: int) -> torch.Tensor:
-    """Per-position rotation matrices (n, dim_head, dim_head) for angles (n, width): `x @ R[p]` rotates each
-    interleaved channel pair (x[2i], x[2i+1]) of a head by its angle and leaves channels past `width` alone.
-    One small matmul per layer instead of a chain of slicing and elementwise kernels."""
+def rotary_tables(angles: torch.Tensor, dim_head: int) -> torch.Tensor:
+    """cos and signed sin per position and channel, stacked (2, n, dim_head), for angles (n, width).
+
+    DALLE-pytorch rotates interleaved channel pairs: out[2i] = x[2i] cos - x[2i+1] sin and
+    out[2i+1] = x[2i+1] cos + x[2i] sin, i.e. out = x * cos + swap_pairs(x) * signed_sin; channels past `width`
+    pass through (cos 1, sin 0)."""
     n, width = angles.shape
-    cos, sin = angles.cos(), angles.sin()
-    rot = torch.eye(dim_head, dtype=angles.dtype, device=angles.device).repeat(n, 1, 1)
-    even = torch.arange(0, width, 2, device=angles.device)
-    rot[:, even, even] = cos[:, even]
-    rot[:, even + 1, even + 1] = cos[:, even + 1]
-    rot[:, even + 1, even] = -sin[:, even]  # out[2i] = x[2i] cos - x[2i+1] sin
-    rot[:, even, even + 1] = sin[:, even + 1]  # out[2i+1] = x[2i+1] cos + x[2i] sin
-    return rot
+    cos = torch.ones(n, dim_head, dtype=angles.dtype, device=angles.device)
+    sin = torch.zeros_like(cos)
+    cos[:, :width] = angles.cos()
+    sign = torch.tensor([-1.0, 1.0], dtype=angles.dtype, device=angles.device).repeat(width // 2)
+    sin[:, :width] = angles.sin() * sign
+    return torch.stack((cos, sin))
 
 
-def apply_rotary(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., n, dim_head) with the per-position matrices rot (n, dim_head, dim_head)."""
-    return (x.unsqueeze(-2) @ rot).squeeze(-2) if rot.shape[0] > 1 else x @ rot[0]
+def swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x0, x3, x2, ...) from (x0, x1, x2, x3, ...) along the last dimension."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+@dataclass
+class Rotary:
+    """The rotary embedding of the n positions of one forward call: cos and signed sin, each (n, dim_head)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @cached_property
+    def matrix(self) -> torch.Tensor:
+        """The rotation of a single position as a (dim_head, dim_head) matrix: `x @ matrix` rotates x."""
+        cos, sin = self.cos[0], self.sin[0]
+        return torch.diag(cos) + swap_pairs(torch.eye(len(cos), dtype=cos.dtype, device=cos.device)) * sin
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x (b, n, ..., dim_head), the tokens at the n positions."""
+        if x.shape[1] == 1 and not torch.compiler.is_compiling():
+            return x @ self.matrix.to(x.dtype)  # one decoding step, eager: one matmul instead of three kernels
+        shape = (x.shape[1],) + (1,) * (x.dim() - 3) + (x.shape[-1],)
+        cos, sin = self.cos.to(x.dtype).view(shape), self.sin.to(x.dtype).view(shape)
+        return x * cos + swap_pairs(x) * sin
 
 
 class Attention(nn.Module):
@@ -139,17 +163,15 @@ class Attention(nn.Module):
         """Attend from x (b, n, dim) at positions start..start+n-1.
 
         mask: bool, broadcastable to (b, heads, n, keys), True = may attend (None = attend to all keys).
-        rotary: rotation matrices for the n positions (n, dim_head, dim_head) (see rotary_matrices), or None.
+        rotary: the Rotary of the n positions, or None.
         kv_cache: the layer's key/value buffer (2, b, heads, max_len, dim_head) that receives this call's keys and
         values; the call then attends to the cached keys 0..start+n-1 (or to the whole buffer, masked, when start
         is a tensor).
         """
         qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head))  # (b, n, 3, heads, dim_head)
-        if rotary is not None and rotary.shape[0] == 1:  # DALLE-pytorch rotates q, k and v alike
-            qkv = qkv @ rotary[0]  # one position: rotate before the permute, which then needs no copy
+        if rotary is not None:  # DALLE-pytorch rotates q, k and v alike
+            qkv = rotary.apply(qkv)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, b, heads, n, dim_head)
-        if rotary is not None and rotary.shape[0] > 1:
-            qkv = apply_rotary(qkv, rotary)
         q, k, v = qkv.unbind(0)
         if kv_cache is not None:
             k, v = write_kv(kv_cache, qkv[1:], start)

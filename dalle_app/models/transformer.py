@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import (Attention, FeedForward, attention_mask, rotary_matrices, rotary_table,
+from .attention import (Attention, FeedForward, Rotary, attention_mask, rotary_table, rotary_tables,
                         sparse_attention_mask)
 
 
@@ -150,11 +150,11 @@ class Transformer(nn.Module):
 
         if rotary_emb:
             self.register_buffer("pos_emb", rotary_table(self.text_len, image_fmap_size or 0, dim_head))
-            # rotation matrix of every position, from pos_emb (refreshed when a checkpoint's pos_emb is loaded)
-            self.register_buffer("rotations", rotary_matrices(self.pos_emb[0], dim_head), persistent=False)
-            self.register_load_state_dict_post_hook(_refresh_rotations)
+            # cos and sin of every position, from pos_emb (refreshed when a checkpoint's pos_emb is loaded)
+            self.register_buffer("rotary_cos_sin", rotary_tables(self.pos_emb[0], dim_head), persistent=False)
+            self.register_load_state_dict_post_hook(_refresh_rotary)
         else:
-            self.pos_emb = self.rotations = None
+            self.pos_emb = self.rotary_cos_sin = None
         if shift_tokens:  # which history row each channel of each position reads, for a cache of seq_len rows
             positions = torch.arange(seq_len)
             self.register_buffer("shift_sources", shift_index(positions, self.text_len, self.fmap_size, dim, seq_len),
@@ -202,7 +202,7 @@ class Transformer(nn.Module):
         else:
             positions = torch.arange(start, start + n, device=x.device)
             keys = start + n
-        rotary = self.rotations[positions].to(x.dtype) if self.rotations is not None else None
+        rotary = Rotary(*self.rotary_cos_sin[:, positions]) if self.rotary_cos_sin is not None else None
         shift = None
         if self.shift:  # the zero row: the cache's extra last row, or a zero row appended to x (no cache)
             zero_row = cache.shifted[0].shape[1] - 1 if cache is not None else n
@@ -310,8 +310,8 @@ def _from_reference_key(rest: str) -> str | None:
     return None
 
 
-def _refresh_rotations(module, incompatible_keys):
-    module.rotations.copy_(rotary_matrices(module.pos_emb[0].float(), module.dim_head))
+def _refresh_rotary(module, incompatible_keys):
+    module.rotary_cos_sin.copy_(rotary_tables(module.pos_emb[0].float(), module.dim_head))
 
 
 def _emit_reference_keys(module, state_dict, prefix, local_metadata):
