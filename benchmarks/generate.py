@@ -165,7 +165,9 @@ def main():
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-uncached", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="fuse the decode step with torch.compile (CUDA)")
+    ap.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                    help="fuse the decode step with torch.compile (optionally in this mode, e.g. "
+                    "max-autotune-no-cudagraphs)")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
     ap.add_argument("--reference", action="store_true", help="also time DALLE-pytorch 1.6.6 on the same weights "
                     "(when importable; otherwise its times from reference_timings.md are shown)")

@@ -224,7 +224,7 @@ def test_static_cache_step_equals_uncached(name, monkeypatch):
     with the unwritten tail masked) samples exactly what the uncached forward does."""
     from dalle_app.engine import generate as engine_generate
 
-    monkeypatch.setattr(engine_generate, "_compiled_step", lambda: engine_generate._decode_step)
+    monkeypatch.setattr(engine_generate, "_compiled_step", lambda mode=None: engine_generate._decode_step)
     dalle = make_dalle(**CONFIGS[name])
     text = prompts()
     options = SamplingOptions(temperature=1.0, top_k=10, cond_scale=3.0)

@@ -78,26 +78,26 @@ def _decode_step(dalle, kv, shifted, seeds, ids, pos, guided, cond_scale, temper
     return sample(logits, seeds, img_pos + 1, temperature, top_k, top_p)
 
 
-_COMPILED = None
+_COMPILED: dict = {}
 
 
-def _compiled_step():
-    """`_decode_step` through torch.compile: one graph per batch shape, the cache updated in place, the step's many
-    small kernels fused. Requests come in many batch sizes, hence the raised recompile limit."""
-    global _COMPILED
-    if _COMPILED is None:
+def _compiled_step(mode: str | None = None):
+    """`_decode_step` through torch.compile (`mode`: a torch.compile mode, None for the default): one program per
+    batch shape, the cache updated in place, the step's many small kernels fused. Requests come in many batch
+    sizes, hence the raised recompile limit."""
+    if mode not in _COMPILED:
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED = torch.compile(_decode_step, dynamic=False)
-    return _COMPILED
+        _COMPILED[mode] = torch.compile(_decode_step, dynamic=False, mode=mode)
+    return _COMPILED[mode]
 
 
 class _Stepper:
     """Runs one decoding step for all rows: feed image token at position `pos`, return the next sampled token."""
 
     def __init__(self, dalle, cache, seeds, options: SamplingOptions, guided: bool, use_graph: bool,
-                 compile: bool = False):
+                 compile: bool | str = False):
         self.dalle, self.cache, self.seeds, self.guided, self.compile = dalle, cache, seeds, guided, compile
         self.options = options
         self.top_k = options.effective_top_k(dalle.num_image_tokens, dalle.total_tokens)
@@ -108,7 +108,8 @@ class _Stepper:
             self._capture()
 
     def _run_step(self, ids, pos):
-        step = _compiled_step() if self.compile else _decode_step
+        mode = self.compile if isinstance(self.compile, str) else None
+        step = _compiled_step(mode) if self.compile else _decode_step
         c, o = self.cache, self.options
         return step(self.dalle, c.kv, c.shifted, self.seeds, ids, pos, self.guided, o.cond_scale, o.temperature,
                     self.top_k, o.top_p)
@@ -140,13 +141,16 @@ def generate_image_tokens(dalle, text: torch.Tensor, options: SamplingOptions | 
                           prime_ids: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
                           progress: ProgressFn | None = None, progress_every: int = 16,
                           should_stop: Callable[[], bool] | None = None, use_cuda_graph: bool | None = None,
-                          compile_step: bool = False) -> ImageTokens:
+                          compile_step: bool | str = False) -> ImageTokens:
     """Sample image tokens for each row of `text` (rows, T) (0 = padding; repeat rows for several images each).
 
     prime_ids: (rows, k) leading tokens to keep (DALLE-pytorch's num_init_img_tokens), or (rows, I) together with
     keep_mask (I,) bool: kept positions take the given ids, the others are sampled, in raster order.
     seeds: one int per row (None = random); returned in the result. progress: called every `progress_every` tokens
     with a Progress; should_stop: polled between tokens, generation then returns the tokens decided so far.
+    use_cuda_graph: capture the step in a CUDA graph (default: on CUDA). compile_step: fuse the step with
+    torch.compile first (True, or a torch.compile mode such as "max-autotune-no-cudagraphs"); the first call per
+    batch shape then compiles for a while.
     """
     options = (options or SamplingOptions()).validate()
     dalle_was_training = dalle.training
