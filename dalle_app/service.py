@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .engine import complete_text as engine_complete_text, generate_image_tokens, generate_in_chunks
-from .service_utils import (MAX_IMAGES, Cancelled, RequestError, Scheduler, Update, _eta_text, keep_mask, load_image,
-                            psnr, read_parameters, resolve_seeds, run_in_thread, save_png, to_pil, token_grid_picture,
-                            validate_sampling)
+from .service_utils import (MAX_IMAGES, Cancelled, RequestError, Scheduler, Update, _eta_text, in_fresh_thread,
+                            keep_mask, load_image, psnr, read_parameters, resolve_seeds, run_in_thread, save_png,
+                            to_pil, token_grid_picture, validate_sampling)
 
 __all__ = ["MAX_IMAGES", "OutOfMemory", "RequestError", "Service", "Update", "read_parameters", "validate_sampling"]
 
@@ -90,7 +90,7 @@ class Service:
         with self._lock:
             if reference == self.default_reference:
                 return self.model
-        return self.manager.load(reference)
+        return in_fresh_thread(self.manager.load, reference)
 
     def load(self, reference: str) -> dict:
         """Load a model (or take it from the cache) and return its info card; the default model is unchanged.
@@ -107,7 +107,7 @@ class Service:
         from .manager import Catalog
 
         reference = Catalog().get(str(reference).strip())
-        model = self.manager.load(reference)
+        model = in_fresh_thread(self.manager.load, reference)
         with self._lock:
             self.model, self.default_reference = model, reference
         return model.info()
@@ -333,11 +333,14 @@ class Service:
         m = self.get_model(model)
         text, notes = self._tokenize(m, prompt)
         mask = self.keep_mask(keep_rows, box, model=model)
-        pixels, ids = self._encode(m, image)
-        side, size = m.image_fmap_size, m.image_size
-        cell_mask = mask.reshape(side, side).float()[None, None]
-        shown = pixels * (0.35 + 0.65 * F.interpolate(cell_mask, size=size, mode="nearest"))
-        yield Update(images=to_pil(shown), progress_text="kept part")
+        def kept_part():
+            pixels, ids = self._encode(m, image)
+            side, size = m.image_fmap_size, m.image_size
+            cell_mask = mask.reshape(side, side).float()[None, None]
+            return ids, to_pil(pixels * (0.35 + 0.65 * F.interpolate(cell_mask, size=size, mode="nearest")))
+
+        ids, shown = in_fresh_thread(kept_part)
+        yield Update(images=shown, progress_text="kept part")
         seeds = resolve_seeds(seed, count)
         settings = {"num_images": count, "temperature": options.temperature, "top_k": options.top_k,
                     "top_p": options.top_p, "cond_scale": options.cond_scale, "keep_rows": int(keep_rows),

@@ -319,6 +319,29 @@ class Ticket:
         return self.cancelled.is_set()
 
 
+def in_fresh_thread(fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs) run on a new, short-lived thread; its result returned, its exception re-raised here.
+
+    PyTorch's OpenMP runtime (libgomp) keeps a pool of worker threads for every thread that ran a parallel op, and
+    once the pools hold more threads than there are cores, all of them stop spinning between ops: a generation on a
+    2-core CPU then runs 2.3x slower. So model work (loading, encoding, sampling) runs on short-lived threads, whose
+    pools end with them, never on the app's long-lived threads (the main thread, Gradio's workers)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def run_in_thread(fn: Callable, heartbeat_s: float = 0.25) -> Iterator:
     """Run fn(emit) in a thread; yield what it emits, None after each `heartbeat_s` without news, and finally
     ("result", value). An exception in fn is re-raised here."""

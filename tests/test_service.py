@@ -347,3 +347,12 @@ def test_a_request_waiting_for_its_turn_gets_keep_alives_with_its_place(service,
     assert updates[-1].done and updates[-1].info["seeds"] == [1]
     # max_active=1: the small request starts only once the big one has finished
     assert slow_steps.index(1) > max(i for i, n in enumerate(slow_steps) if n == 16)
+
+
+def test_in_fresh_thread_returns_result_reraises_and_runs_elsewhere():
+    from dalle_app.service_utils import in_fresh_thread
+
+    assert in_fresh_thread(lambda a, b=0: a + b, 2, b=3) == 5
+    assert in_fresh_thread(threading.get_ident) != threading.get_ident()
+    with pytest.raises(ValueError, match="boom"):
+        in_fresh_thread(lambda: (_ for _ in ()).throw(ValueError("boom")))
