@@ -50,11 +50,12 @@ class Service:
     concurrency: requests computing on the model at once (workers). max_active: requests started at once (each
     holds its cache while waiting for its next turn; default 4 per worker): the UI's queue should let this many
     requests reach the service. slice_s: how long one request computes before the next waiting one gets a turn.
+    compile_step: sample with the torch.compile'd decoding step (see `generate_image_tokens`).
     """
 
     def __init__(self, reference: str | None = None, *, manager=None, output_dir: str | Path | None = None,
                  device=None, dtype=None, concurrency: int = 1, max_active: int | None = None,
-                 slice_s: float = 0.1, heartbeat_s: float = 0.25):
+                 slice_s: float = 0.1, heartbeat_s: float = 0.25, compile_step: bool = False):
         from .manager import BUILTIN_MODEL_DIR, ModelManager
 
         self.manager = manager or ModelManager(device=device, dtype=dtype)
@@ -62,6 +63,7 @@ class Service:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.scheduler = Scheduler(concurrency, max_active, slice_s)
         self.heartbeat_s = heartbeat_s
+        self.compile_step = compile_step
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.default_reference = ""
@@ -236,7 +238,8 @@ class Service:
                                 progress_text=_eta_text(p.done, p.total, p.elapsed), tokens_per_s=round(rate, 1),
                                 eta_s=round(left, 1) if left is not None else None))
 
-                result = generate_image_tokens(dalle, text_rows, opts, seeds=seeds, progress=report, **kwargs)
+                result = generate_image_tokens(dalle, text_rows, opts, seeds=seeds, progress=report,
+                                               compile_step=self.compile_step, **kwargs)
                 if result.completed and n > rows:
                     finished[lo] = to_pil(self._decode(m, result.image_ids))
                 return result
