@@ -1,7 +1,7 @@
 """Check the app's service on CUDA with the built-in model: two users at once (fair turns, CUDA graphs captured
 inside each request's turn), reranking, priming, reconstruction and text completion; prints timings.
 
-    python benchmarks/service_cuda_check.py [--device cuda]
+    python benchmarks/service_cuda_check.py [--device cuda] [--compile]
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ def last(updates):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compile", action="store_true", help="the service samples with the torch.compile'd step")
     args = ap.parse_args()
-    service = Service(None, device=args.device)
+    service = Service(None, device=args.device, compile_step=args.compile)
     print("model", service.default_reference, service.model.device, service.model.dtype, flush=True)
     for n in (1, 4, 4):  # the first call captures the graph
         t = time.perf_counter()
