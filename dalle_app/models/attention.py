@@ -188,12 +188,7 @@ def attend_static_cache(q, k, v, mask):
 
     Plain matmuls and a softmax in float32: with one query per row, SDPA's fused kernels spend most of their time on
     empty tiles, and this form lets torch.compile fuse the mask and softmax."""
-    q = q * q.shape[-1] ** -0.5
-    if torch.compiler.is_compiling():  # one query per row: reductions that fuse, not two tiny batched matmuls
-        scores = (q * k).sum(dim=-1, dtype=torch.float32).unsqueeze(-2)
-        weights = torch.where(mask, scores, float("-inf")).softmax(dim=-1)
-        return (weights.transpose(-1, -2) * v).sum(dim=-2, keepdim=True, dtype=torch.float32).to(v.dtype)
-    scores = q @ k.transpose(-1, -2)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
     weights = torch.where(mask, scores, float("-inf")).softmax(dim=-1, dtype=torch.float32)
     return weights.to(v.dtype) @ v
 

@@ -240,11 +240,6 @@ class Transformer(nn.Module):
             if cache is None:
                 return shift_tokens(F.pad(h, (0, 0, 0, 1)), index)
             history = cache.shifted[2 * layer + branch]
-            if torch.compiler.is_compiling() and torch.is_tensor(start):
-                # neighbours read before the write, the token's own channels from h: fuses with the norm before it
-                shifted = torch.where(index == start[:, None], h, shift_tokens(history, index))
-                write_history(history, h, start)
-                return shifted
             write_history(history, h, start)
             return shift_tokens(history, index)
 
