@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Generator, Iterator
 
 import numpy as np
 import torch
@@ -180,9 +180,10 @@ class Service:
                                   self._parameters(m, kind, prompt, seed, settings)))
         return files
 
-    def _turns(self, work: Callable, should_stop: Callable[[], bool] | None) -> Iterator:
-        """Run work(emit, stop) in its own thread inside a scheduler turn; yield its Updates (keep-alives while
-        nothing happens) and finally ("result", value). Closing this generator cancels the work."""
+    def _turns(self, work: Callable, should_stop: Callable[[], bool] | None) -> Generator[Update, None, object]:
+        """Run work(emit, stop) in its own thread inside scheduler turns; yield its Updates (keep-alives while
+        nothing happens) and return its value (None when cancelled): `value = yield from self._turns(...)`.
+        Closing this generator cancels the work."""
         ticket = self.scheduler.ticket()
         user_stop = should_stop or (lambda: False)
 
@@ -204,17 +205,18 @@ class Service:
                 elif isinstance(item, Update):
                     last_text = item.progress_text or last_text
                     yield item
-                else:
-                    yield item
+                else:  # ("result", value), the last item
+                    return item[1]
         except Cancelled:
-            return
+            return None
         finally:
             ticket.cancel()  # no-op when finished; stops the work when the consumer went away
 
     def _sample(self, m, text, options, seeds, should_stop, prime_ids=None, keep_mask=None, finish=None
-                ) -> Iterator:
-        """Sample image tokens (chunked retry on out-of-memory) with previews; yield Updates, finally
-        ("result", (ImageTokens, finish(result) or None)). `finish` runs inside the turn (decoding, reranking)."""
+                ) -> Generator[Update, None, object]:
+        """Sample image tokens (chunked retry on out-of-memory) with previews; yield Updates and return
+        (ImageTokens, finish(result) or None), None when cancelled. `finish` runs inside the turn (decoding,
+        reranking)."""
         side, total, n = m.image_fmap_size, m.image_tokens, len(seeds)
         every = side * max(1, side // 8)
         index = {s: i for i, s in enumerate(seeds)}
@@ -250,7 +252,7 @@ class Service:
             return result, (finish(result) if finish else None)
 
         try:
-            yield from self._turns(work, should_stop)
+            return (yield from self._turns(work, should_stop))
         except MemoryError as err:
             raise OutOfMemory(str(err)) from None
 
@@ -296,12 +298,7 @@ class Service:
             order = sorted(range(len(scores)), key=lambda i: -scores[i])[:rerank_keep]
             return to_pil(images[order]), (order, [round(scores[i], 4) for i in order])
 
-        output = None
-        for item in self._sample(m, text, options, seeds, should_stop, prime_ids, keep_mask, finish):
-            if isinstance(item, tuple):
-                output = item[1]
-            else:
-                yield item
+        output = yield from self._sample(m, text, options, seeds, should_stop, prime_ids, keep_mask, finish)
         if output is None:  # cancelled: nobody is listening any more
             return
         result, (pil, ranked) = output
@@ -361,12 +358,7 @@ class Service:
             pixels, ids = self._encode(m, image)
             return pixels, ids, self._decode(m, ids), time.perf_counter() - start
 
-        out = None
-        for item in self._turns(work, None):
-            if isinstance(item, tuple):
-                out = item[1]
-            else:
-                yield item
+        out = yield from self._turns(work, None)
         if out is None:
             return
         pixels, ids, recon, seconds = out
@@ -399,12 +391,7 @@ class Service:
             start = time.perf_counter()
             return engine_complete_text(m.dalle, [prefix] * count, options, seeds=seeds), time.perf_counter() - start
 
-        out = None
-        for item in self._turns(work, should_stop):
-            if isinstance(item, tuple):
-                out = item[1]
-            else:
-                yield item
+        out = yield from self._turns(work, should_stop)
         if out is None:
             return
         result, seconds = out

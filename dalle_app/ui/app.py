@@ -11,7 +11,7 @@ import gradio as gr
 
 from ..service import MAX_IMAGES, RequestError
 from .examples import build_examples, example_prompts
-from .handlers import Handlers, card_markdown, error, stream_updates
+from .handlers import Handlers, card_markdown, error, run_to_end, stream_updates
 
 GPU = "gpu"  # one concurrency group for everything that runs the model
 
@@ -39,17 +39,6 @@ def checked_image(**kwargs) -> gr.Image:
 
     image.preprocess = preprocess
     return image
-
-
-def _last(updates):
-    """Run a service request to its end; return its final Update."""
-    last = None
-    try:
-        for last in updates:
-            pass
-    except Exception as exc:  # noqa: BLE001
-        raise error(exc) from None
-    return last
 
 
 def _final(outputs):
@@ -99,7 +88,7 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
 
     def reconstruct(image):
         """The image as the VAE sees it, its reconstruction and token grid; PSNR and codebook usage."""
-        last = _last(service.reconstruct(image))
+        last = run_to_end(service.reconstruct(image))
         return last.files, last.info
 
     def complete_text(prompt, num_completions, temperature, top_k, seed):

@@ -143,6 +143,17 @@ def _pick(gallery, index) -> str | None:
     return getattr(item, "path", item)
 
 
+def run_to_end(updates):
+    """Run a service request to its end; return its final Update (errors as one-sentence gr.Error)."""
+    last = None
+    try:
+        for last in updates:
+            pass
+    except Exception as exc:  # noqa: BLE001
+        raise error(exc) from None
+    return last
+
+
 class Handlers:
     """The handlers of one app; `service` provides text_to_image, prime_image, reconstruct, complete_text, load."""
 
@@ -199,7 +210,7 @@ class Handlers:
 
     def reconstruct(self, model, image):
         """(input as the VAE sees it, reconstruction, token grid) and the PSNR/codebook info."""
-        last = self._last(self.service.reconstruct(image, model=model or None))
+        last = run_to_end(self.service.reconstruct(image, model=model or None))
         return last.files, last.info
 
     def complete_text(self, model, prompt, num_completions, temperature, top_k, top_p, seed,
@@ -213,16 +224,6 @@ class Handlers:
         yield from stream_updates(lambda: self.service.complete_text(
             prompt, num_completions, temperature, top_k, seed, top_p=top_p_value(top_p), model=model or None,
             should_stop=self._should_stop(request)), shown)
-
-    @staticmethod
-    def _last(updates):
-        last = None
-        try:
-            for last in updates:
-                pass
-        except Exception as exc:  # noqa: BLE001
-            raise error(exc) from None
-        return last
 
     # ------------------------------------------------------------------------------------------- model panel
 
