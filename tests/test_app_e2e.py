@@ -190,8 +190,9 @@ def _generate(page, seed: int) -> dict:
     page.get_by_label("Prompt", exact=True).fill("a red circle")
     page.get_by_label("Seed (-1 = random)").first.fill(str(seed))
     page.locator("#generate").click()
-    page.locator(f"#gallery img[src*='-seed{seed}.png']").wait_for(timeout=30000)
-    return _gallery_parameters(page)[0]
+    image = page.locator(f"#gallery img[src*='-seed{seed}.png']").first
+    image.wait_for(timeout=30000)
+    return read_parameters(io.BytesIO(page.request.get(image.get_attribute("src")).body()))
 
 
 def test_two_browser_sessions_each_keep_their_own_model(server, browser):
