@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import queue
@@ -327,10 +328,11 @@ def in_fresh_thread(fn: Callable, *args, **kwargs):
     2-core CPU then runs 2.3x slower. So model work (loading, encoding, sampling) runs on short-lived threads, whose
     pools end with them, never on the app's long-lived threads (the main thread, Gradio's workers)."""
     box: dict = {}
+    context = contextvars.copy_context()  # e.g. Gradio's progress tracker follows the work into the thread
 
     def run():
         try:
-            box["result"] = fn(*args, **kwargs)
+            box["result"] = context.run(fn, *args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = exc
 

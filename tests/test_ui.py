@@ -214,3 +214,39 @@ def test_choosing_a_catalog_model_fills_the_reference_box():
 
     assert Handlers.catalog_reference("shapes-dalle") == str(BUILTIN_MODEL_DIR)
     assert Handlers.catalog_reference(None) == gr.skip()
+
+
+def test_download_progress_bars_reach_the_browser_from_the_loading_thread():
+    """Models load on a short-lived thread (service_utils.in_fresh_thread); huggingface_hub's tqdm bars there must
+    still reach Gradio's progress display, which the model panel's Load event asks for (track_tqdm)."""
+    import time
+
+    from gradio_client import Client
+    from tqdm.auto import tqdm
+
+    from dalle_app.service_utils import in_fresh_thread
+    from reliability_server import free_port
+
+    def download():
+        for _ in tqdm(range(4), desc="model.safetensors"):
+            time.sleep(0.25)
+        return "loaded"
+
+    def load(reference, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        return in_fresh_thread(download)
+
+    with gr.Blocks() as demo:
+        reference, card = gr.Textbox(), gr.Textbox()
+        reference.submit(load, reference, card, api_name="load")
+    port = free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        job = Client(f"http://127.0.0.1:{port}/", verbose=False).submit("x", api_name="/load")
+        seen = []
+        while not job.done():
+            seen += [(p.desc, p.length) for p in job.status().progress_data or []]
+            time.sleep(0.05)
+        assert job.result() == "loaded"
+        assert ("model.safetensors", 4) in seen
+    finally:
+        demo.close()

@@ -227,9 +227,10 @@ class Handlers:
 
     # ------------------------------------------------------------------------------------------- model panel
 
-    def load_model(self, choice, reference):
+    def load_model(self, choice, reference, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - Gradio's way
         """Load the chosen model for this session only: (its card as Markdown and as JSON, the session's model
-        reference, the rerank checkbox and the rows-to-keep slider fitted to the model)."""
+        reference, the rerank checkbox and the rows-to-keep slider fitted to the model). Hub downloads show their
+        progress bars (huggingface_hub's tqdm) in the panel."""
         from ..manager import Catalog
 
         try:
