@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed_linear import Linear
+
 ATTENTION_TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
 CONV_WINDOWS = ("above_left", "centered")
 SPARSE_BLOCK = 16
@@ -151,8 +153,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.dim_head, self.kind = heads, dim_head, kind
         inner = heads * dim_head
-        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
-        self.to_out = nn.Linear(inner, dim)
+        self.to_qkv = Linear(dim, inner * 3, bias=False)
+        self.to_out = Linear(inner, dim)
         self.dropout = nn.Dropout(dropout)
         if kind == "sparse":
             if seq_len is None:
@@ -209,9 +211,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
-        self.proj_in = nn.Linear(dim, dim * mult * 2)
+        self.proj_in = Linear(dim, dim * mult * 2)
         self.dropout = nn.Dropout(dropout)
-        self.proj_out = nn.Linear(dim * mult, dim)
+        self.proj_out = Linear(dim * mult, dim)
 
     def forward(self, x):
         x, gates = self.proj_in(x).chunk(2, dim=-1)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed_linear import Linear, packed_linear
 from .transformer import InferenceCache, Transformer
 
 
@@ -85,7 +86,7 @@ class DALLE(nn.Module):
             shift_tokens=shift_tokens, rotary_emb=rotary_emb, shared_attn_ids=shared_attn_ids,
             shared_ff_ids=shared_ff_ids, optimize_for_inference=optimize_for_inference,
             conv_like_window=conv_like_window)
-        self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, self.total_tokens))
+        self.to_logits = nn.Sequential(nn.LayerNorm(dim), Linear(dim, self.total_tokens))
         if not share_input_output_emb:
             self.text_emb = nn.Embedding(self.num_text_tokens, dim)
             self.image_emb = nn.Embedding(self.num_image_tokens, dim)
@@ -156,7 +157,8 @@ class DALLE(nn.Module):
         """Logits over the image codebook only (b, n, num_image_tokens): the head used while sampling images."""
         norm, proj = self.to_logits
         h = norm(self.norm_by_max(hidden))
-        return F.linear(h, proj.weight[self.num_text_tokens:], proj.bias[self.num_text_tokens:])
+        return packed_linear(h, proj.weight[self.num_text_tokens:], proj.bias[self.num_text_tokens:], proj,
+                             "_packed_image_head")
 
     def new_cache(self, batch_size: int, device=None, dtype=None) -> InferenceCache:
         """A static decoding cache for `batch_size` rows covering the whole sequence."""

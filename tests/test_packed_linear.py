@@ -1,0 +1,45 @@
+"""The CPU fast path of linear layers: same results as F.linear, never a stale packed weight, autograd untouched."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle_app.models import packed_linear as pl
+from dalle_app.models.packed_linear import Linear
+
+pytestmark = pytest.mark.skipif(not pl._available, reason="this torch build has no oneDNN linear")
+
+
+def test_packed_linear_matches_f_linear_for_every_batch_shape():
+    torch.manual_seed(0)
+    layer = Linear(64, 96)
+    for shape in [(1, 64), (8, 1, 64), (3, 33, 64)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            out = layer(x)
+        assert "_packed_weight" in layer.__dict__  # the fast path ran
+        torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_copy_follows_in_place_updates_and_new_weights():
+    torch.manual_seed(0)
+    layer = Linear(32, 16)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.mul_(2)  # what an optimizer step or load_state_dict does
+        after = layer(x)
+        torch.testing.assert_close(after - layer.bias, 2 * (before - layer.bias), rtol=1e-5, atol=1e-5)
+        layer.weight = torch.nn.Parameter(torch.zeros(16, 32))  # a new tensor
+        torch.testing.assert_close(layer(x), layer.bias.expand(4, -1))
+
+
+def test_autograd_and_other_dtypes_use_the_plain_product():
+    torch.manual_seed(0)
+    layer = Linear(8, 4)
+    x = torch.randn(2, 8)
+    layer(x).sum().backward()  # training: gradients flow, nothing packed
+    assert layer.weight.grad is not None and "_packed_weight" not in layer.__dict__
+    with torch.no_grad():
+        half = layer.to(torch.bfloat16)(x.bfloat16())
+    assert half.dtype == torch.bfloat16 and "_packed_weight" not in layer.__dict__
