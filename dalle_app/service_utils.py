@@ -1,4 +1,6 @@
-"""Request pieces shared by the service: validation, seeds, PNG metadata, pictures, streaming a worker thread."""
+"""Request pieces shared by the service: validation, seeds, PNG metadata, scheduling, streaming a worker thread.
+
+Pictures (reading uploads, drawing results) are in `dalle_app.images`, re-exported here."""
 
 from __future__ import annotations
 
@@ -13,19 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
 from .engine import SamplingOptions
+from .errors import RequestError
+from .images import eight_bit, load_image, psnr, to_pil, to_rgb, token_grid_picture  # noqa: F401 - re-exported
 
 MAX_IMAGES = 16
 MAX_SEED = 2 ** 31 - 1
 PARAMETERS_KEY = "parameters"
-
-
-class RequestError(ValueError):
-    """A request the user can fix; the message is one sentence."""
 
 
 @dataclass
@@ -88,41 +87,6 @@ def resolve_seeds(seed: int, count: int) -> list[int]:
     return [(seed + i) % MAX_SEED for i in range(count)]
 
 
-def load_image(image) -> Image.Image:
-    """An RGB PIL image from a PIL image, numpy array or file path; RequestError when it is missing or unreadable."""
-    if image is None or (isinstance(image, str) and not image.strip()):
-        raise RequestError("No image was given; upload an image first.")
-    try:
-        if isinstance(image, (str, Path)):
-            image = Image.open(image)
-            _check_pixels(image)
-            image.load()
-        elif isinstance(image, np.ndarray):
-            image = Image.fromarray(image.astype(np.uint8))
-        elif isinstance(image, dict) and image.get("path"):
-            return load_image(image["path"])
-        if not isinstance(image, Image.Image):
-            raise TypeError
-    except RequestError:
-        raise
-    except Image.DecompressionBombError:
-        raise RequestError("The image is too large; upload a picture under "
-                           f"{Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels.") from None
-    except Exception:  # noqa: BLE001 - any unreadable input is the same user error
-        raise RequestError("The image could not be read; upload a PNG, JPEG or WebP picture.") from None
-    if min(image.size) < 1:
-        raise RequestError("The image is empty; upload a picture with at least one pixel.")
-    return image.convert("RGB")
-
-
-def _check_pixels(image: Image.Image) -> None:
-    """Refuse pictures above PIL's MAX_IMAGE_PIXELS before decoding them (PIL only warns up to twice that)."""
-    w, h = image.size
-    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-        raise RequestError(f"The image is too large ({w}x{h} pixels); upload a picture under "
-                           f"{Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels.")
-
-
 def keep_mask(side: int, keep_rows, box=None) -> torch.Tensor:
     """(side*side,) bool for a side x side token grid: the first `keep_rows` rows, plus the cells inside `box` =
     (left, top, right, bottom) given as fractions of the image in [0, 1]."""
@@ -168,28 +132,6 @@ def read_parameters(png) -> dict:
         return json.loads(text)
     except ValueError:
         raise RequestError("The image's parameters are not valid JSON; choose a PNG written by this app.") from None
-
-
-# ----------------------------------------------------------------------------------------------- pictures
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(b, c, h, w) floats in [0, 1] -> RGB PIL images."""
-    array = (images.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a if a.shape[2] == 3 else a[..., :1].repeat(3, 2)) for a in array]
-
-
-def token_grid_picture(ids: torch.Tensor, size: int) -> Image.Image:
-    """A picture of a token grid: each codebook id gets a fixed pseudo-random colour, blown up to `size`."""
-    side = int(math.isqrt(ids.numel()))
-    palette = np.random.default_rng(1234).integers(0, 256, size=(int(ids.max()) + 1, 3), dtype=np.uint8)
-    grid = palette[ids.reshape(side, side).cpu().numpy()]
-    return Image.fromarray(grid).resize((size, size), Image.NEAREST)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of two images in [0, 1]."""
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def _eta_text(done: int, total: int, elapsed: float) -> str:

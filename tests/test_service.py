@@ -356,3 +356,52 @@ def test_in_fresh_thread_returns_result_reraises_and_runs_elsewhere():
     assert in_fresh_thread(threading.get_ident) != threading.get_ident()
     with pytest.raises(ValueError, match="boom"):
         in_fresh_thread(lambda: (_ for _ in ()).throw(ValueError("boom")))
+
+
+# ----------------------------------------------------------------------------------------------- image modes
+
+def _gradient(mode: str, side: int = 64):
+    """A square left-to-right gradient over the full range of `mode`, as PIL holds it (16-bit, 32-bit int, float)."""
+    import numpy as np
+
+    ramp = np.linspace(0.0, 1.0, side)[None, :].repeat(side, 0)
+    if mode == "I;16":
+        return Image.fromarray((ramp * 65535).round().astype(np.uint16))
+    if mode == "I;16B":
+        return Image.frombytes("I;16B", (side, side), (ramp * 65535).round().astype(">u2").tobytes())
+    if mode == "I":  # 32-bit integers holding 16-bit values (how older Pillow versions read 16-bit PNGs)
+        return Image.fromarray((ramp * 65535).round().astype(np.int32))
+    if mode == "F":
+        return Image.fromarray(ramp.astype(np.float32))
+    raise ValueError(mode)
+
+
+@pytest.mark.parametrize("mode, suffix", [("I;16", "png"), ("I;16B", "tif"), ("I", "tif"), ("F", "tif")])
+def test_high_bit_depth_uploads_keep_their_gradient(service, tmp_path, mode, suffix):
+    import numpy as np
+
+    path = tmp_path / f"gradient.{suffix}"
+    _gradient(mode).save(path)
+    assert Image.open(path).mode == mode  # the file really holds high bit depth pixels, as an upload would
+    last = _last(service.reconstruct(str(path)))  # uploads reach the service as file paths
+    seen = np.asarray(last.images[0].convert("L"), dtype=np.int16)  # the input as the VAE sees it
+    columns = seen.mean(axis=0)
+    assert (np.diff(columns) >= 0).all() and (np.diff(columns) > 0).mean() > 0.9, columns  # still a gradient
+    assert columns[0] < 10 and columns[-1] > 245, columns  # from black to white
+    assert (seen >= 250).mean() < 0.1, f"{(seen >= 250).mean():.0%} of the picture is saturated"
+
+
+def test_numpy_arrays_of_any_depth_are_scaled_to_eight_bits():
+    import numpy as np
+
+    from dalle_app.images import eight_bit, load_image
+
+    ramp = np.linspace(0.0, 1.0, 11)
+    expected = ramp * 255
+    for values in ((ramp * 65535).round().astype(np.uint16), ramp.astype(np.float32), expected.astype(np.float32),
+                   expected.round().astype(np.int64)):
+        assert np.abs(eight_bit(values).astype(int) - expected).max() <= 1, values.dtype
+    assert list(eight_bit(np.array([-1.0, 0.0, 1.0]))) == [0, 128, 255]  # outside every range: stretched
+    assert list(eight_bit(np.array([np.nan, 0.0, 0.5, 1.0]))) == [0, 0, 128, 255]  # NaN reads as the minimum
+    image = load_image((ramp[None, :, None].repeat(3, 2) * 65535).round().astype(np.uint16))
+    assert [image.getpixel((x, 0))[0] for x in (0, 5, 10)] == [0, 128, 255]
