@@ -19,11 +19,9 @@ generator (Gradio does this when the client disconnects or presses Stop) cancels
 
 from __future__ import annotations
 
-import itertools
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Callable, Generator, Iterator
 
@@ -33,9 +31,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .engine import complete_text as engine_complete_text, generate_image_tokens, generate_in_chunks
+from .outputs import OutputFolder, Retention
 from .service_utils import (MAX_IMAGES, Cancelled, RequestError, Scheduler, Update, _eta_text, in_fresh_thread,
-                            keep_mask, load_image, psnr, read_parameters, resolve_seeds, run_in_thread, save_png,
-                            to_pil, token_grid_picture, validate_sampling)
+                            keep_mask, load_image, png_parameters, psnr, read_parameters, resolve_seeds,
+                            run_in_thread, to_pil, token_grid_picture, validate_sampling)
 
 __all__ = ["MAX_IMAGES", "OutOfMemory", "RequestError", "Service", "Update", "read_parameters", "validate_sampling"]
 
@@ -50,22 +49,26 @@ class Service:
     concurrency: requests computing on the model at once (workers). max_active: requests started at once (each
     holds its cache while waiting for its next turn; default 4 per worker): the UI's queue should let this many
     requests reach the service. slice_s: how long one request computes before the next waiting one gets a turn.
-    compile_step: sample with the torch.compile'd decoding step (see `generate_image_tokens`).
+    compile_step: sample with the torch.compile'd decoding step (see `generate_image_tokens`). retention: limits
+    of the output folder (`dalle_app.outputs`); None = the environment's limits for the service's own temporary
+    folder and none for a given `output_dir`, True = the environment's limits, False = none.
     """
 
     def __init__(self, reference: str | None = None, *, manager=None, output_dir: str | Path | None = None,
                  device=None, dtype=None, concurrency: int = 1, max_active: int | None = None,
-                 slice_s: float = 0.1, heartbeat_s: float = 0.25, compile_step: bool = False):
+                 slice_s: float = 0.1, heartbeat_s: float = 0.25, compile_step: bool = False,
+                 retention: Retention | bool | None = None):
         from .manager import BUILTIN_MODEL_DIR, ModelManager
 
         self.manager = manager or ModelManager(device=device, dtype=dtype)
+        if retention is None or retention is True:
+            retention = Retention.from_env() if output_dir is None or retention else None
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="dalle_app_"))
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.outputs = OutputFolder(self.output_dir, retention or None)
         self.scheduler = Scheduler(concurrency, max_active, slice_s)
         self.heartbeat_s = heartbeat_s
         self.compile_step = compile_step
         self._lock = threading.Lock()
-        self._ids = itertools.count()
         self.default_reference = ""
         self.model = None
         self.set_default(reference or str(BUILTIN_MODEL_DIR))
@@ -163,22 +166,11 @@ class Service:
             ids = m.vae.get_codebook_indices(x.to(m.device, m.dtype))
         return x, ids.cpu()
 
-    @staticmethod
-    def _parameters(m, kind: str, prompt: str, seed, settings: dict) -> dict:
-        commit = next((f.commit or f.revision for f in m.files if getattr(f, "commit", None) or
-                       getattr(f, "revision", None)), None)
-        return {"app": "dalle_app", "kind": kind, "model": m.reference, "revision": commit, "prompt": prompt,
-                "seed": seed, "settings": settings}
-
     def _write(self, m, images, kind, prompt, seeds, settings, names=None) -> list[str]:
-        """Save PNGs named time-request-kind-index-seed (the request id keeps concurrent requests apart)."""
-        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._ids):04d}{uuid.uuid4().hex[:4]}-{kind}"
-        files = []
-        for i, (image, seed) in enumerate(zip(images, seeds)):
-            name = f"{stem}-{names[i]}" if names else f"{stem}-{i:02d}-seed{seed}"
-            files.append(save_png(image, self.output_dir / f"{name}.png",
-                                  self._parameters(m, kind, prompt, seed, settings)))
-        return files
+        """Save PNGs named time-request-kind-index-seed, held by the output folder until the request's last update
+        has been taken (the caller releases them)."""
+        params = [png_parameters(m, kind, prompt, seed, settings) for seed in seeds]
+        return self.outputs.write(images, kind, params, names or [f"{i:02d}-seed{s}" for i, s in enumerate(seeds)])
 
     def _turns(self, work: Callable, should_stop: Callable[[], bool] | None) -> Generator[Update, None, object]:
         """Run work(emit, stop) in its own thread inside scheduler turns; yield its Updates (keep-alives while
@@ -314,9 +306,12 @@ class Service:
             info["notes"].append(f"Stopped after {result.image_ids.shape[1]} of {m.image_tokens} tokens; "
                                  "the images are partial.")
         files = self._write(m, pil, kind, prompt, used, {**settings, "completed": result.completed})
-        yield Update(images=pil, files=files, info=info, fraction=1.0, done=True,
-                     tokens_per_s=info["tokens_per_second"] or 0.0, eta_s=0.0,
-                     progress_text=f"done in {result.seconds:.1f} s" if result.completed else "stopped")
+        try:
+            yield Update(images=pil, files=files, info=info, fraction=1.0, done=True,
+                         tokens_per_s=info["tokens_per_second"] or 0.0, eta_s=0.0,
+                         progress_text=f"done in {result.seconds:.1f} s" if result.completed else "stopped")
+        finally:
+            self.outputs.release(files)
 
     def keep_mask(self, keep_rows, box=None, *, model: str | None = None) -> torch.Tensor:
         """(I,) bool: the first `keep_rows` token rows, plus the cells inside `box` = (left, top, right, bottom)
@@ -371,8 +366,11 @@ class Service:
                 "tokens": int(ids.numel()), "image_size": size, "seconds": round(seconds, 3), "seeds": []}
         parts = ["input", "reconstruction", "token_grid"]
         files = self._write(m, pictures, "reconstruct", "", [None] * 3, {"part": parts}, names=parts)
-        yield Update(images=pictures, files=files, info=info, done=True, fraction=1.0,
-                     progress_text=f"PSNR {info['psnr_db']} dB · {used} codes used")
+        try:
+            yield Update(images=pictures, files=files, info=info, done=True, fraction=1.0,
+                         progress_text=f"PSNR {info['psnr_db']} dB · {used} codes used")
+        finally:
+            self.outputs.release(files)
 
     def complete_text(self, prompt: str, num_completions=4, temperature=1.0, top_k=64, seed=-1, *, top_p=None,
                       model: str | None = None, should_stop: Callable[[], bool] | None = None) -> Iterator[Update]:

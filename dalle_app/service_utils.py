@@ -119,6 +119,14 @@ def save_png(image: Image.Image, path: Path, parameters: dict) -> str:
     return str(path)
 
 
+def png_parameters(m, kind: str, prompt: str, seed, settings: dict) -> dict:
+    """The "parameters" chunk of a PNG made by `m` (a LoadedModel): app, kind, model, revision, prompt, seed."""
+    commit = next((f.commit or f.revision for f in m.files if getattr(f, "commit", None) or
+                   getattr(f, "revision", None)), None)
+    return {"app": "dalle_app", "kind": kind, "model": m.reference, "revision": commit, "prompt": prompt,
+            "seed": seed, "settings": settings}
+
+
 def read_parameters(png) -> dict:
     """The generation parameters stored in a PNG written by this app; RequestError when there are none."""
     try:
