@@ -86,7 +86,8 @@ class Service:
     # ------------------------------------------------------------------------------------------- models
 
     def get_model(self, reference: str | None = None):
-        """The LoadedModel for `reference` (catalog name, Hub reference or local path; None = the default)."""
+        """The LoadedModel for `reference` (catalog name, Hub reference or local path; None = the default), loaded as
+        a visitor's reference (`ModelManager.load(visitor=True)`: DALLE_APP_HUB / DALLE_APP_ALLOWED_REPOS apply)."""
         if reference is None or not str(reference).strip():
             return self.model
         from .manager import Catalog
@@ -95,7 +96,7 @@ class Service:
         with self._lock:
             if reference == self.default_reference:
                 return self.model
-        return in_fresh_thread(self.manager.load, reference)
+        return in_fresh_thread(self.manager.load, reference, visitor=True)  # the deployment's policy applies
 
     def load(self, reference: str) -> dict:
         """Load a model (or take it from the cache) and return its info card; the default model is unchanged.

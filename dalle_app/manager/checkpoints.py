@@ -88,7 +88,9 @@ def safe_torch_load(path: str | Path):
         with open(path, "rb") as fh:
             magic = fh.read(4)
     except OSError as exc:
-        raise ModelLoadError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
+        raise ModelLoadError(
+            f"Cannot read {path.name} ({exc.strerror or exc}); check that the file exists and is readable."
+        ) from exc
     if not magic:
         raise ModelLoadError(f"{path.name} is empty; download or copy it again.")
     is_zip = magic.startswith(b"PK")

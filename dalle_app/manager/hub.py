@@ -95,14 +95,13 @@ def _translate(exc: Exception, repo_id: str, filename: str | None, revision: str
             "commit that exists."
         )
     if isinstance(exc, LocalEntryNotFoundError) or isinstance(exc, OfflineModeIsEnabled):
-        cache = options.cache_path()
-        if options.is_offline():
+        if options.is_offline():  # the cache's folder is not named: messages may reach the app's visitors
             return ModelLoadError(
-                f"Offline mode is on (HF_HUB_OFFLINE) and {what} is not in the Hub cache {cache}; "
+                f"Offline mode is on (HF_HUB_OFFLINE) and {what} is not in the Hub cache; "
                 "turn offline mode off or download the model once while online."
             )
         return ModelLoadError(
-            f"Cannot reach the Hub at {where} and {what} is not in the Hub cache {cache}; check the network "
+            f"Cannot reach the Hub at {where} and {what} is not in the Hub cache; check the network "
             "connection (or HF_ENDPOINT) and try again."
         )
     if isinstance(exc, EntryNotFoundError):

@@ -21,7 +21,8 @@ import torch
 from .errors import ModelLoadError
 from .hparams import check_vae_match
 from .hub import HubOptions
-from .references import parse_reference
+from .policy import VisitorPolicy, visitor_message
+from .references import default_allowed_roots, parse_reference
 from .resolve import FileRecord, ResolvedModel, resolve
 from .tokenizer_choice import choose_tokenizer
 from .vae_registry import build_vae, vae_geometry, vae_params_from_weights
@@ -245,11 +246,14 @@ def build_model(resolved: ResolvedModel, *, device: torch.device, dtype: torch.d
 
 
 class ModelManager:
-    """Loads models by reference and caches them (LRU within a memory budget); thread-safe."""
+    """Loads models by reference and caches them (LRU within a memory budget); thread-safe.
+
+    visitor_policy: what references typed by the app's visitors may name (`load(..., visitor=True)`); default from
+    DALLE_APP_HUB / DALLE_APP_ALLOWED_REPOS (see policy.py), which allow everything when unset."""
 
     def __init__(self, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  memory_budget: int | str | None = None, hub_options: HubOptions | None = None,
-                 allowed_roots: list[Path] | None = None):
+                 allowed_roots: list[Path] | None = None, visitor_policy: VisitorPolicy | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = parse_dtype(dtype) if dtype is not None else default_dtype(self.device)
         if isinstance(memory_budget, str):
@@ -257,6 +261,7 @@ class ModelManager:
         self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(self.device)
         self.hub_options = hub_options or HubOptions()
         self.allowed_roots = allowed_roots
+        self.visitor_policy = visitor_policy or VisitorPolicy.from_env()
         self._cache: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._key_locks: dict[tuple, threading.Lock] = {}
@@ -269,8 +274,20 @@ class ModelManager:
 
     def load(self, reference: str, *, tokenizer: str | None = None, vae: str | None = None,
              hparams: dict | None = None, device: str | torch.device | None = None,
-             dtype: str | torch.dtype | None = None) -> LoadedModel:
-        """Return the model for `reference` (loading it if needed); raises ModelLoadError with one sentence."""
+             dtype: str | torch.dtype | None = None, visitor: bool = False) -> LoadedModel:
+        """Return the model for `reference` (loading it if needed); raises ModelLoadError with one sentence.
+
+        visitor=True: the reference was typed by a visitor of the app: `visitor_policy` applies, and the error
+        message shows the reference as given, without server paths outside the allowed model folders."""
+        if visitor:
+            given, ref = str(reference).strip(), None
+            try:
+                ref = parse_reference(given, self.allowed_roots)
+                self.visitor_policy.check(ref, given)
+                return self.load(given, tokenizer=tokenizer, vae=vae, hparams=hparams, device=device, dtype=dtype)
+            except ModelLoadError as exc:
+                roots = self.allowed_roots if self.allowed_roots is not None else default_allowed_roots()
+                raise ModelLoadError(visitor_message(str(exc), given, ref, roots)) from exc
         device = torch.device(device) if device is not None else self.device
         dtype = parse_dtype(dtype) if dtype is not None else (self.dtype if device == self.device
                                                                 else default_dtype(device))

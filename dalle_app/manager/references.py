@@ -77,15 +77,18 @@ def _resolve(path: Path) -> Path:
     return path.expanduser().resolve()
 
 
-def check_allowed(path: Path, allowed_roots: list[Path] | None = None) -> Path:
-    """Return `path` resolved, or raise ModelLoadError when it lies outside every allowed root."""
+def check_allowed(path: Path, allowed_roots: list[Path] | None = None, given: str | None = None) -> Path:
+    """Return `path` resolved, or raise ModelLoadError when it lies outside every allowed root.
+
+    The message names the path as `given` (default: as passed), never its resolved form: that may be a server
+    folder outside the allowed ones (e.g. the target of a symlink)."""
     resolved = _resolve(path)
     roots = [_resolve(r) for r in (allowed_roots if allowed_roots is not None else default_allowed_roots())]
     if any(resolved == root or resolved.is_relative_to(root) for root in roots):
         return resolved
-    shown = ", ".join(str(r) for r in roots)
+    folders = ", ".join(str(r) for r in roots)
     raise ModelLoadError(
-        f"The local path {resolved} is outside the allowed model folders ({shown}); move it into one of them "
+        f"The local path {given or path} is outside the allowed model folders ({folders}); move it into one of them "
         f"or add its folder to the {MODEL_DIRS_ENV} environment variable."
     )
 
@@ -117,7 +120,7 @@ def parse_reference(text: str | os.PathLike, allowed_roots: list[Path] | None = 
     if force_hub:
         text = text[len(_HUB_PREFIX):]
     elif Path(text).expanduser().exists() or _looks_local(text):
-        return _local_reference(Path(text), allowed_roots, suffixes)
+        return _local_reference(Path(text), allowed_roots, suffixes, text)
 
     match = _HUB_RE.fullmatch(text)
     if match is None:
@@ -131,10 +134,10 @@ def parse_reference(text: str | os.PathLike, allowed_roots: list[Path] | None = 
     return ModelReference(kind="hub", repo_id=match["repo"], path_in_repo=path_in_repo, revision=match["revision"])
 
 
-def _local_reference(path: Path, allowed_roots: list[Path] | None, suffixes) -> ModelReference:
-    resolved = check_allowed(path, allowed_roots)
+def _local_reference(path: Path, allowed_roots: list[Path] | None, suffixes, given: str) -> ModelReference:
+    resolved = check_allowed(path, allowed_roots, given)
     if not resolved.exists():
-        raise ModelLoadError(f"No file or folder exists at {resolved}; check the path.")
+        raise ModelLoadError(f"No file or folder exists at {given}; check the path.")
     if resolved.is_file() and suffixes and not resolved.name.lower().endswith(suffixes):
         raise ModelLoadError(
             f"{resolved.name} is not a model file; give a folder or a file ending in {', '.join(suffixes)}."
