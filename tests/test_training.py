@@ -64,3 +64,29 @@ def test_default_recipe_is_the_one_of_the_shipped_weights():
     assert {k: shipped["vae"]["params"][k] for k in cfg.vae} == cfg.vae
     assert all(shipped["dalle"][k] == (list(v) if isinstance(v, tuple) else v) for k, v in cfg.dalle.items())
     assert {k: shipped["clip"]["params"][k] for k in cfg.clip} == cfg.clip
+
+
+def test_vae_usage_term_is_log_codebook_minus_entropy_of_the_mean_code_distribution():
+    import math
+
+    from dalle_app.models import DiscreteVAE
+
+    torch.manual_seed(0)
+    vae = DiscreteVAE(image_size=16, num_layers=2, num_tokens=8, codebook_dim=4, hidden_dim=4)
+    images = torch.rand(2, 3, 16, 16)
+    torch.manual_seed(1)
+    plain = vae(images, return_loss=True, temp=1.0)
+    torch.manual_seed(1)  # same Gumbel noise
+    regular = vae(images, return_loss=True, temp=1.0, usage_weight=0.5)
+    with torch.no_grad():
+        q = vae.logits(images).softmax(dim=1).mean(dim=(0, 2, 3))
+    expected = 0.5 * (math.log(8) - float(-(q * q.log()).sum()))
+    assert expected > 0
+    assert float(regular - plain) == pytest.approx(expected, rel=1e-4)
+    with torch.no_grad():  # a collapsed encoder (every position picks code 0) pays the most
+        last = vae.encoder[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([20.0] + [0.0] * 7))
+    torch.manual_seed(1)
+    collapsed = vae(images, return_loss=True, temp=1.0, usage_weight=0.5) - vae(images, return_loss=True, temp=1.0)
+    assert float(collapsed) > expected

@@ -117,8 +117,12 @@ class DiscreteVAE(nn.Module):
             decoded = decoded * stds + means
         return decoded.clamp(0, 1)
 
-    def forward(self, img, return_loss=False, return_recons=False, return_logits=False, temp=None):
-        """Training forward: Gumbel-softmax relaxation, reconstruction (+ KL to uniform) loss, as DALLE-pytorch."""
+    def forward(self, img, return_loss=False, return_recons=False, return_logits=False, temp=None, usage_weight=0.0):
+        """Training forward: Gumbel-softmax relaxation, reconstruction (+ KL to uniform) loss, as DALLE-pytorch.
+
+        usage_weight (this project's addition, 0 = the reference's loss): adds usage_weight * (log K - H), H the
+        entropy of the codebook distribution averaged over the batch and positions, K the codebook size; it keeps
+        the whole codebook in use (without it the built-in model's VAE came to use 30 of its 512 codes)."""
         logits = self.logits(img)
         if return_logits:
             return logits
@@ -142,4 +146,8 @@ class DiscreteVAE(nn.Module):
         log_uniform = torch.log(torch.tensor([1.0 / self.num_tokens], device=img.device))
         kl_div = F.kl_div(log_uniform, log_qy, None, None, "batchmean", log_target=True)
         loss = recon_loss + kl_div * self.kl_div_loss_weight
+        if usage_weight:
+            mean_q = log_qy.exp().mean(dim=(0, 1))
+            entropy = -(mean_q * mean_q.clamp_min(1e-12).log()).sum()
+            loss = loss + usage_weight * (math.log(self.num_tokens) - entropy)
         return (loss, out) if return_recons else loss

@@ -24,6 +24,8 @@ class TrainConfig:
     vae_temp_end: float = 1 / 16
     vae_hard_from: float = 0.7  # fraction of VAE steps after which sampling is straight-through (hard)
     vae_kl_weight: float = 0.0
+    # this project's codebook-usage term (DiscreteVAE.forward usage_weight); 0 in v1, whose VAE uses ~30 of 512 codes
+    vae_usage_weight: float = 0.0
     # phase 2: DALLE (+ phase 3: CLIP, trained on the same batches)
     dalle: dict = field(default_factory=lambda: dict(dim=256, depth=6, heads=8, dim_head=32, attn_types=("full",),
                                                      shift_tokens=True, rotary_emb=True, loss_img_weight=7))

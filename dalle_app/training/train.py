@@ -164,7 +164,7 @@ class Trainer:
             g["lr"] = lr_at(self.step, cfg.vae_steps, cfg.vae_lr, 100)
         self.vae.train()
         with self._autocast():
-            loss = self.vae(images, return_loss=True, temp=temp)
+            loss = self.vae(images, return_loss=True, temp=temp, usage_weight=cfg.vae_usage_weight)
         self.opt_vae.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.vae_grad_clip:
@@ -173,12 +173,15 @@ class Trainer:
         out = {"vae": loss.item(), "temp": temp}
         if self.step % self.cfg.log_every == 0:
             out["psnr"] = self._vae_psnr(images).item()
+            out["codes"] = self._last_codes_used
         return out
 
     @torch.no_grad()
     def _vae_psnr(self, images) -> torch.Tensor:
         self.vae.eval()
-        recon = self.vae.to_unit_range(self.vae.decode(self.vae.get_codebook_indices(images)).float())
+        ids = self.vae.get_codebook_indices(images)
+        self._last_codes_used = int(ids.unique().numel())  # codebook entries this batch uses (collapse shows here)
+        recon = self.vae.to_unit_range(self.vae.decode(ids).float())
         return psnr(recon, images)
 
     def _dalle_step(self, images, text, train_dalle: bool = True) -> dict:
