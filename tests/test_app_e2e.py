@@ -1,9 +1,8 @@
 """End to end: `python app.py` on 127.0.0.1 with a tiny model; every API endpoint through gradio_client, and every
 tab in headless Chromium (Debian's /usr/bin/chromium through Playwright): one-click examples, top-p, the progress
-bar, send-to-priming, and two browser sessions each on its own model."""
+bar, send-to-priming, and two browser sessions each on its own model. Queueing and Stop: test_app_stop_e2e.py."""
 
 import io
-import re
 import os
 import subprocess
 import sys
@@ -17,12 +16,10 @@ gradio_client = pytest.importorskip("gradio_client")
 from dalle_app.service import read_parameters
 
 from app_factory import make_tiny_model
+from browser_helpers import browser, gallery_parameters, set_slider, wait_images, watch_progress  # noqa: F401
 from reliability_server import start_app, stop_app
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -76,48 +73,6 @@ def test_api_complete_text_and_errors(client):
         client.predict("a red circle", 1, 0, 16, 1.0, 0, api_name="/text_to_image")
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); browser test skipped")
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-def _wait_images(page, gallery: str, count: int, info: str | None = None):
-    page.wait_for_function(f"() => document.querySelectorAll('{gallery} img').length >= {count}", timeout=30000)
-    if info:
-        page.locator(info).get_by_text('"seeds"').wait_for(timeout=30000)
-
-
-def _gallery_parameters(page, gallery: str = "#gallery") -> list[dict]:
-    """The parameters stored in the PNGs the gallery shows (fetched as the browser gets them)."""
-    sources = page.evaluate(f"() => [...document.querySelectorAll('{gallery} img')].map(i => i.src)")
-    out = []
-    for src in sources:
-        data = page.request.get(src).body()
-        out.append(read_parameters(io.BytesIO(data)))
-    return out
-
-
-def _watch_progress(page, selector: str):
-    """Record every text the progress bar shows from now on (window.progressSeen)."""
-    page.evaluate("""(sel) => { window.progressSeen = []; new MutationObserver(() => {
-        const bar = document.querySelector(sel + ' [role=progressbar]');
-        if (bar) window.progressSeen.push(bar.getAttribute('aria-valuenow') + '|' + bar.innerText); })
-        .observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true}); }""",
-                  selector)
-
-
-def _set_slider(page, elem_id: str, value: float):
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-
-
 def test_browser_text_to_image_tab(server, browser):
     url, _ = server
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -141,17 +96,17 @@ def test_browser_example_click_with_top_p_shows_progress_and_sends_to_priming(se
     url, _ = server
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(url)
-    _set_slider(page, "t2i-top-p", 0.85)
-    _watch_progress(page, "#progress")
+    set_slider(page, "t2i-top-p", 0.85)
+    watch_progress(page, "#progress")
     example = page.locator("#t2i-examples [data-testid=dataset-cell-1-0]")
     example.click()  # one click: fills the prompt and seed and runs
-    _wait_images(page, "#gallery", 4, "#info")
+    wait_images(page, "#gallery", 4, "#info")
     prompt = page.get_by_label("Prompt", exact=True).input_value()
     assert prompt
     seen = page.evaluate("() => window.progressSeen")
     assert any("tokens/s" in s and "left" in s and not s.startswith("100|") for s in seen), seen  # a live bar
     assert seen[-1].startswith("100|") and "done" in seen[-1]
-    params = _gallery_parameters(page)
+    params = gallery_parameters(page)
     assert [p["seed"] for p in params] == [1, 2, 3, 4] and params[0]["prompt"] == prompt
     assert all(p["settings"]["top_p"] == pytest.approx(0.85) for p in params)  # the slider reached the service
 
@@ -163,20 +118,20 @@ def test_browser_example_click_with_top_p_shows_progress_and_sends_to_priming(se
     assert sent.endswith(".png") and "seed3" in sent
     assert page.locator("#prime-prompt textarea").input_value() == prompt
     page.locator("#prime-run").click()  # the sent image is a usable priming input
-    _wait_images(page, "#prime-gallery", 4, "#prime-info")
+    wait_images(page, "#prime-gallery", 4, "#prime-info")
 
     page.locator("#prime-examples [data-testid=dataset-cell-0-1]").click()  # a priming example
     page.locator("#prime-gallery img[src*='-seed0.png']").wait_for(timeout=30000)
-    params = _gallery_parameters(page, "#prime-gallery")
+    params = gallery_parameters(page, "#prime-gallery")
     assert params[0]["seed"] == 0 and params[0]["settings"]["keep_rows"] == 4
 
     page.get_by_role("tab", name="VAE reconstruction").click()
     page.locator("#vae-examples .gallery-item").first.click()
-    _wait_images(page, "#vae-gallery", 3)
+    wait_images(page, "#vae-gallery", 3)
     page.locator("#vae-info").get_by_text('"psnr_db"').wait_for(timeout=30000)
 
     page.get_by_role("tab", name="Text completion").click()
-    _set_slider(page, "text-top-p", 0.9)
+    set_slider(page, "text-top-p", 0.9)
     page.locator("#text-examples [data-testid=dataset-cell-0-0]").click()
     page.wait_for_function("() => document.querySelector('#completions textarea').value.split('\\n').length == 4",
                            timeout=30000)
@@ -233,30 +188,3 @@ def test_cli_generate_writes_the_same_pngs(server, tmp_path):
                           "--prompt", "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and bad.stderr.startswith("error:")
 
-
-def test_browser_shows_the_place_in_the_queue_and_stop_returns_partial_images(tmp_path, browser):
-    # one request at a time (--max-active 1), each decoding step slowed down without using the CPU
-    proc, url, _ = start_app(tmp_path, "--max-active", "1", faults=True, env={"DALLE_TEST_STEP_DELAY": "0.03"})
-    try:
-        pages = [browser.new_page(viewport={"width": 1280, "height": 1000}) for _ in range(2)]
-        for page in pages:
-            page.goto(url)
-            page.get_by_label("Prompt", exact=True).fill("a blue square")
-            number = page.get_by_label("number input for Number of images").first
-            number.fill("1")
-            number.press("Enter")
-        pages[0].locator("#generate").click()
-        pages[0].wait_for_function("() => document.querySelector('#progress [role=progressbar]')", timeout=30000)
-        pages[1].locator("#generate").click()  # waits behind the first: Gradio shows its place
-        pages[1].locator("#progress").get_by_text(re.compile(r"queue: 1/\d")).wait_for(timeout=10000)
-        pages[0].locator("#stop").click()
-        pages[0].locator("#progress").get_by_text("stopped").wait_for(timeout=10000)
-        stopped = _gallery_parameters(pages[0])
-        assert len(stopped) == 1 and stopped[0]["settings"]["completed"] is False  # the partial image, saved
-        pages[1].locator("#progress").get_by_text("done").wait_for(timeout=30000)
-        finished = _gallery_parameters(pages[1])
-        assert len(finished) == 1 and finished[0]["settings"]["completed"] is True
-        for page in pages:
-            page.close()
-    finally:
-        stop_app(proc)

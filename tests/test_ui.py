@@ -123,6 +123,29 @@ def test_stop_reaches_only_the_session_that_asked(service):
     assert stop_a() is True and stop_b() is False
 
 
+def test_a_stop_while_queued_ends_the_request_without_calling_the_service(service):
+    h = Handlers(service)
+    run = h.arm(session("a"))  # Generate's unqueued step; the request then waits in the queue
+    h.cancel_if_queued(session("a"))  # queued: Stop's next step may take it out of the queue
+    assert "stopped before it started" in h.stop(session("a"))
+    calls = len(service.calls)
+    out = list(h.text_to_image(None, "x", 1, 1.0, 64, 1.0, 1.0, 0, False, 1, run, request=session("a")))
+    assert len(service.calls) == calls  # nothing computed
+    assert len(out) == 1 and "stopped before it started" in out[0][1] and out[0][0] == gr.skip()
+    assert list(h.prime_image(None, "in.png", "p", 4, False, 0, 0, 1, 1, 1, 1.0, 64, 1.0, 1.0, 0,
+                              h.arm(session("a"), "prime"), request=session("a")))[-1][0] != gr.skip()
+    assert service.calls[-1][0] == "prime_image"  # a Stop on one tab does not reach another tab's request
+
+    again = h.arm(session("a"))  # Generate pressed again after the Stop: a new run, not stopped
+    list(h.text_to_image(None, "x", 1, 1.0, 64, 1.0, 1.0, 0, False, 1, again, request=session("a")))
+    assert service.calls[-1][1]["should_stop"]() is False
+    with pytest.raises(gr.Error):  # finished (or running): Stop must not cancel it, it returns partial images
+        h.cancel_if_queued(session("a"))
+    assert "stopping" in h.stop(session("a")) and service.calls[-1][1]["should_stop"]() is True
+    h.forget(session("a"))
+    assert h.runs.queued(("a", "t2i")) is False and h.arm(session("a")) == 1
+
+
 def test_load_model_returns_the_card_and_the_sessions_reference(service):
     h = Handlers(service)
     summary, card, ref, rerank, rows = h.load_model(None, "  weights/with-clip ")

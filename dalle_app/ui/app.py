@@ -48,7 +48,7 @@ def _final(outputs):
 
 def _sampling(prefix: str, n_label: str = "Number of images", guidance: bool = True) -> dict:
     """The shared sampling controls of a tab (created in the current layout context)."""
-    c = {"n": gr.Slider(1, MAX_IMAGES, value=4, step=1, label=n_label),
+    c = {"n": gr.Slider(1, MAX_IMAGES, value=4, step=1, label=n_label, elem_id=f"{prefix}-n"),
          "temperature": gr.Slider(0.05, 3.0, value=1.0, step=0.05, label="Temperature"),
          "top_k": gr.Number(value=64, precision=0, minimum=0, label="Top-k (0 = all)"),
          "top_p": gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (1 = off)", elem_id=f"{prefix}-top-p")}
@@ -102,6 +102,7 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
         model = gr.State(None)  # this session's model reference; None = the app's default model
         last_seed = gr.State(-1)
         selected = gr.State(None)  # index of the gallery image picked for "Send to priming"
+        runs = {tab: gr.State(0) for tab in ("t2i", "prime", "text")}  # the run number Generate armed, per tab
         with gr.Accordion("Model", open=False, elem_id="model-panel"):
             with gr.Row():
                 from ..manager import Catalog
@@ -129,8 +130,9 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
                             random_btn = gr.Button("🎲", scale=1, min_width=40)
                             reuse_btn = gr.Button("♻️", scale=1, min_width=40)
                         with gr.Row():
-                            rerank = gr.Checkbox(label="CLIP rerank", value=False, interactive=bool(card.get("clip")))
-                            keep = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="Keep best M")
+                            rerank = gr.Checkbox(label="CLIP rerank", value=False, interactive=bool(card.get("clip")),
+                                                 elem_id="t2i-rerank")
+                            keep = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="Keep best M", elem_id="t2i-keep")
                         t2i_examples = gr.Examples(examples.text_to_image, inputs=[prompt, seed], label="Examples",
                                                    cache_examples=False, api_visibility="private",
                                                    elem_id="t2i-examples")
@@ -141,30 +143,31 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
                         progress = gr.HTML(elem_id="progress")
                         info = gr.JSON(label="Seeds and timing", elem_id="info")
                         with gr.Accordion("Read parameters from a PNG", open=False):
-                            png_file = gr.File(label="PNG written by this app", file_types=[".png"])
-                            png_params = gr.JSON(label="Parameters")
+                            png_file = gr.File(label="PNG written by this app", file_types=[".png"], elem_id="png-file")
+                            png_params = gr.JSON(label="Parameters", elem_id="png-params")
             with gr.Tab("Image priming", id="prime"):
                 with gr.Row():
                     with gr.Column():
                         prime_input = checked_image(type="filepath", label="Image", format="png", height=320,
                                                     elem_id="prime-input")
                         prime_prompt = gr.Textbox(label="Prompt", elem_id="prime-prompt")
-                        keep_rows = gr.Slider(0, side, value=side // 2, step=1, label="Token rows to keep (top)")
-                        use_box = gr.Checkbox(label="Also keep a box (fractions of the image)")
+                        keep_rows = gr.Slider(0, side, value=side // 2, step=1, label="Token rows to keep (top)",
+                                              elem_id="prime-keep-rows")
+                        use_box = gr.Checkbox(label="Also keep a box (fractions of the image)", elem_id="prime-use-box")
                         with gr.Row():
-                            box = [gr.Number(v, label=n, minimum=0, maximum=1, min_width=60) for n, v in
-                                   (("left", 0.0), ("top", 0.5), ("right", 0.5), ("bottom", 1.0))]
+                            box = [gr.Number(v, label=n, minimum=0, maximum=1, min_width=60, elem_id=f"prime-box-{n}")
+                                   for n, v in (("left", 0.0), ("top", 0.5), ("right", 0.5), ("bottom", 1.0))]
                         prime = _sampling("prime")
-                        prime_seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+                        prime_seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="prime-seed")
                         with gr.Row():
                             prime_btn = gr.Button("Complete image", variant="primary", elem_id="prime-run")
-                            prime_stop = gr.Button("Stop", variant="stop")
+                            prime_stop = gr.Button("Stop", variant="stop", elem_id="prime-stop")
                         prime_examples = gr.Examples(examples.priming, inputs=[prime_input, prime_prompt, keep_rows,
                                                                                 prime_seed],
                                                      label="Examples", cache_examples=False, api_visibility="private",
                                                      elem_id="prime-examples")
                     with gr.Column():
-                        kept = gr.Image(label="Kept part", format="png", height=256)
+                        kept = gr.Image(label="Kept part", format="png", height=256, elem_id="prime-kept")
                         prime_gallery = gr.Gallery(label="Completions", format="png", columns=4,
                                                    elem_id="prime-gallery")
                         prime_progress = gr.HTML(elem_id="prime-progress")
@@ -187,7 +190,9 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
                         text_prompt = gr.Textbox(label="Prompt prefix", placeholder="a small red")
                         text = _sampling("text", "Number of completions", guidance=False)
                         text_seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
-                        text_btn = gr.Button("Complete", variant="primary")
+                        with gr.Row():
+                            text_btn = gr.Button("Complete", variant="primary", elem_id="text-run")
+                            text_stop = gr.Button("Stop", variant="stop", elem_id="text-stop")
                         text_examples = gr.Examples(examples.completion, inputs=[text_prompt, text_seed],
                                                     label="Examples", cache_examples=False, api_visibility="private",
                                                     elem_id="text-examples")
@@ -214,26 +219,33 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
                         [api_text, api_info], api_name="complete_text", **api)
 
         # -------------------------------------------------------------------------- events of the tabs
+        # Each run is two steps: an unqueued one that arms a new run number for the session's tab (at once, so a
+        # Stop pressed while the request still waits in the queue reaches it), then the queued request itself.
         ui = dict(concurrency_id=GPU, concurrency_limit=concurrency, api_visibility="private")
         quick = dict(queue=False, api_visibility="private")
-        t2i_run = ([model, prompt, t2i["n"], t2i["temperature"], t2i["top_k"], t2i["top_p"], t2i["cond_scale"], seed,
-                    rerank, keep], [gallery, progress, info, last_seed])
-        for trigger in (generate_btn.click, prompt.submit, t2i_examples.load_input_event.then):
-            trigger(h.text_to_image, *t2i_run, **ui)
-        prime_run = ([model, prime_input, prime_prompt, keep_rows, use_box, *box, prime["n"], prime["temperature"],
-                      prime["top_k"], prime["top_p"], prime["cond_scale"], prime_seed],
-                     [prime_gallery, prime_progress, prime_info, kept])
-        for trigger in (prime_btn.click, prime_examples.load_input_event.then):
-            trigger(h.prime_image, *prime_run, **ui)
+
+        def wire(tab, triggers, handler, inputs, outputs, stop_button, progress_out):
+            arm, stop, cancel_if_queued = h.controls(tab)
+            queued = [trigger(arm, None, runs[tab], **quick).then(handler, [*inputs, runs[tab]], outputs, **ui)
+                      for trigger in triggers]
+            # Stop: flag the run (a running request returns its partial result), then, only while the request is
+            # still waiting in Gradio's queue, take it out of the queue.
+            stop_button.click(stop, None, progress_out, **quick).then(cancel_if_queued, None, None, **quick) \
+                .success(None, None, None, cancels=queued, api_visibility="private")
+
+        wire("t2i", (generate_btn.click, prompt.submit, t2i_examples.load_input_event.then), h.text_to_image,
+             [model, prompt, t2i["n"], t2i["temperature"], t2i["top_k"], t2i["top_p"], t2i["cond_scale"], seed,
+              rerank, keep], [gallery, progress, info, last_seed], stop_btn, progress)
+        wire("prime", (prime_btn.click, prime_examples.load_input_event.then), h.prime_image,
+             [model, prime_input, prime_prompt, keep_rows, use_box, *box, prime["n"], prime["temperature"],
+              prime["top_k"], prime["top_p"], prime["cond_scale"], prime_seed],
+             [prime_gallery, prime_progress, prime_info, kept], prime_stop, prime_progress)
+        wire("text", (text_btn.click, text_prompt.submit, text_examples.load_input_event.then), h.complete_text,
+             [model, text_prompt, text["n"], text["temperature"], text["top_k"], text["top_p"], text_seed],
+             [completions, text_progress, text_info], text_stop, text_progress)
         for trigger in (vae_btn.click, vae_examples.load_input_event.then):
             trigger(h.reconstruct, [model, vae_input], [vae_gallery, vae_info], **ui)
-        text_run = ([model, text_prompt, text["n"], text["temperature"], text["top_k"], text["top_p"], text_seed],
-                    [completions, text_progress, text_info])
-        for trigger in (text_btn.click, text_prompt.submit, text_examples.load_input_event.then):
-            trigger(h.complete_text, *text_run, **ui)
 
-        stop_btn.click(h.stop, None, progress, **quick)
-        prime_stop.click(h.stop, None, prime_progress, **quick)
         random_btn.click(lambda: -1, None, seed, **quick)
         reuse_btn.click(lambda s: s, last_seed, seed, **quick)
         gallery.select(h.select, None, selected, **quick)
@@ -245,4 +257,5 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
         catalog_choice.change(h.catalog_reference, catalog_choice, model_ref, **quick)
         load_btn.click(h.load_model, [catalog_choice, model_ref], [model_summary, model_card, model, rerank, keep_rows],
                        concurrency_limit=1, api_visibility="private")
+        demo.unload(h.forget)
     return demo

@@ -14,6 +14,7 @@ from contextlib import closing
 import gradio as gr
 
 from ..service import RequestError, read_parameters
+from .runs import NOT_STARTED, Runs
 
 
 def error(exc: Exception) -> gr.Error:
@@ -159,30 +160,64 @@ class Handlers:
 
     def __init__(self, service):
         self.service = service
-        self._stop: dict[str, bool] = {}
+        self.runs = Runs()
 
     # ------------------------------------------------------------------------------------------- stopping
 
     @staticmethod
-    def _key(request) -> str:
-        return getattr(request, "session_hash", None) or "default"
+    def _key(request, tab: str) -> tuple[str, str]:
+        return getattr(request, "session_hash", None) or "default", tab
 
-    def _should_stop(self, request):
-        key = self._key(request)
-        self._stop[key] = False
-        return lambda: self._stop.get(key, False)
+    def _begin(self, tab: str, run, request):
+        """should_stop for a request of `tab` whose run number (from the Generate step) is `run`."""
+        key = self._key(request, tab)
+        run = self.runs.start(key, run)
+        return lambda: self.runs.stopped(key, run)
 
-    def stop(self, request: gr.Request = None):
-        """Ask this session's running request to stop (it returns its partial result)."""
-        self._stop[self._key(request)] = True
-        return progress_html(idle="stopping...")
+    def arm(self, request: gr.Request = None, tab: str = "t2i") -> int:
+        """Generate's first, unqueued step: a new run number for this session's tab, passed on to the request."""
+        return self.runs.arm(self._key(request, tab))
+
+    def stop(self, request: gr.Request = None, tab: str = "t2i"):
+        """Stop this session's request of `tab`: a running one returns its partial result, a queued one will not
+        run at all."""
+        queued = self.runs.stop(self._key(request, tab))
+        return progress_html(idle=NOT_STARTED if queued else "stopping...")
+
+    def cancel_if_queued(self, request: gr.Request = None, tab: str = "t2i"):
+        """Stop's second step: succeeds (so the next step takes the request out of Gradio's queue) only while the
+        request is still waiting there; a running request is left to return its partial result."""
+        if not self.runs.queued(self._key(request, tab)):
+            raise gr.Error("The request is running; it stops at its next token.", visible=False,
+                           print_exception=False)
+
+    def controls(self, tab: str):
+        """(arm, stop, cancel_if_queued) as Gradio event functions for one tab's Generate and Stop buttons."""
+        def arm(request: gr.Request):
+            return self.arm(request, tab)
+
+        def stop(request: gr.Request):
+            return self.stop(request, tab)
+
+        def cancel_if_queued(request: gr.Request):
+            return self.cancel_if_queued(request, tab)
+
+        return arm, stop, cancel_if_queued
+
+    def forget(self, request: gr.Request = None):
+        """The session went away (its tab closed): forget its runs."""
+        self.runs.forget(self._key(request, "")[0])
 
     # ------------------------------------------------------------------------------------------- tabs
 
     def text_to_image(self, model, prompt, num_images, temperature, top_k, top_p, cond_scale, seed, rerank, keep,
-                      request: gr.Request = None):
-        """Stream (gallery, progress bar, info, last seed) while the images are sampled."""
-        bar = ProgressBar()
+                      run=None, request: gr.Request = None):
+        """Stream (gallery, progress bar, info, last seed) while the images are sampled; `run` is the number the
+        Generate step armed (a request stopped before it started returns at once, computing nothing)."""
+        should_stop, bar = self._begin("t2i", run, request), ProgressBar()
+        if should_stop():
+            yield gr.skip(), progress_html(idle=NOT_STARTED), gr.skip(), gr.skip()
+            return
 
         def shown(u):
             seeds = u.info.get("seeds") if u.done else None
@@ -190,13 +225,16 @@ class Handlers:
 
         yield from stream_updates(lambda: self.service.text_to_image(
             prompt, num_images, temperature, top_k, cond_scale, seed, top_p=top_p_value(top_p), model=model or None,
-            rerank_keep=int(keep) if rerank else 0, should_stop=self._should_stop(request)), shown)
+            rerank_keep=int(keep) if rerank else 0, should_stop=should_stop), shown)
 
     def prime_image(self, model, image, prompt, keep_rows, use_box, left, top, right, bottom, num_images,
-                    temperature, top_k, top_p, cond_scale, seed, request: gr.Request = None):
+                    temperature, top_k, top_p, cond_scale, seed, run=None, request: gr.Request = None):
         """Stream (completions, progress bar, info, kept part); the service's first update is the kept part."""
         box = (left, top, right, bottom) if use_box else None
-        first, bar = [True], ProgressBar()
+        should_stop, first, bar = self._begin("prime", run, request), [True], ProgressBar()
+        if should_stop():
+            yield gr.skip(), progress_html(idle=NOT_STARTED), gr.skip(), gr.skip()
+            return
 
         def shown(u):
             if first[0] and u.images and not u.done:
@@ -206,7 +244,7 @@ class Handlers:
 
         yield from stream_updates(lambda: self.service.prime_image(
             image, prompt, keep_rows, num_images, temperature, top_k, cond_scale, seed, top_p=top_p_value(top_p),
-            model=model or None, box=box, should_stop=self._should_stop(request)), shown)
+            model=model or None, box=box, should_stop=should_stop), shown)
 
     def reconstruct(self, model, image):
         """(input as the VAE sees it, reconstruction, token grid) and the PSNR/codebook info."""
@@ -214,16 +252,19 @@ class Handlers:
         return last.files, last.info
 
     def complete_text(self, model, prompt, num_completions, temperature, top_k, top_p, seed,
-                      request: gr.Request = None):
+                      run=None, request: gr.Request = None):
         """Stream (completions text, progress bar, info)."""
-        bar = ProgressBar()
+        should_stop, bar = self._begin("text", run, request), ProgressBar()
+        if should_stop():
+            yield gr.skip(), progress_html(idle=NOT_STARTED), gr.skip()
+            return
 
         def shown(u):
             return "\n".join(u.texts) if u.texts else gr.skip(), bar(u), u.info if u.done else gr.skip()
 
         yield from stream_updates(lambda: self.service.complete_text(
             prompt, num_completions, temperature, top_k, seed, top_p=top_p_value(top_p), model=model or None,
-            should_stop=self._should_stop(request)), shown)
+            should_stop=should_stop), shown)
 
     # ------------------------------------------------------------------------------------------- model panel
 

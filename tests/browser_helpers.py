@@ -1,0 +1,63 @@
+"""Shared pieces of the browser tests: headless Debian Chromium through Playwright, and helpers to read the page."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from dalle_app.service import read_parameters
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module (skipped when Debian's chromium is missing)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); browser test skipped")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url: str):
+    """A new page of the app at `url`, in a window large enough for two columns."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    return page
+
+
+def wait_images(page, gallery: str, count: int, info: str | None = None):
+    """Wait until `gallery` shows at least `count` images (and `info` shows the seeds)."""
+    page.wait_for_function(f"() => document.querySelectorAll('{gallery} img').length >= {count}", timeout=30000)
+    if info:
+        page.locator(info).get_by_text('"seeds"').wait_for(timeout=30000)
+
+
+def gallery_parameters(page, gallery: str = "#gallery") -> list[dict]:
+    """The parameters stored in the PNGs the gallery shows (fetched as the browser gets them)."""
+    sources = page.evaluate(f"() => [...document.querySelectorAll('{gallery} img')].map(i => i.src)")
+    return [read_parameters(io.BytesIO(page.request.get(src).body())) for src in sources]
+
+
+def watch_progress(page, selector: str):
+    """Record every text the progress bar shows from now on (window.progressSeen)."""
+    page.evaluate("""(sel) => { window.progressSeen = []; new MutationObserver(() => {
+        const bar = document.querySelector(sel + ' [role=progressbar]');
+        if (bar) window.progressSeen.push(bar.getAttribute('aria-valuenow') + '|' + bar.innerText); })
+        .observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true}); }""",
+                  selector)
+
+
+def set_slider(page, elem_id: str, value: float):
+    """Type `value` into the number box of the slider with `elem_id`."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+

@@ -1,0 +1,89 @@
+"""End to end, with slow decoding steps: the place in Gradio's queue, Stop while running (partial images) and
+while queued (the request never computes), in headless Chromium.
+
+The app runs through tests/reliability_launcher.py, which sleeps in every decoding step (no CPU used) and logs the
+steps it ran by batch rows, with one request computing at a time (--max-active 1)."""
+
+import json
+import re
+import time
+
+import pytest
+
+pytest.importorskip("youtokentome")
+
+from browser_helpers import browser, gallery_parameters, open_page, set_slider  # noqa: F401
+from reliability_server import start_app, stop_app
+
+STEP_DELAY = 0.03  # seconds per image per decoding step: a 1-image request of the tiny model takes about 2 s
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slow-app")
+    steps = root / "steps.json"
+    proc, url, _ = start_app(root, "--max-active", "1", faults=True,
+                             env={"DALLE_TEST_STEP_DELAY": str(STEP_DELAY), "DALLE_TEST_STEP_LOG": str(steps)})
+    yield url, steps
+    stop_app(proc)
+
+
+def _steps_by_rows(steps) -> dict[int, int]:
+    """{batch rows: decoding steps run} so far (the launcher rewrites the file every 0.05 s)."""
+    time.sleep(0.15)
+    return {int(rows): count for rows, (count, _) in json.loads(steps.read_text()).items()}
+
+
+def _ready(page, prompt: str, images: int):
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    set_slider(page, "t2i-n", images)
+
+
+def test_browser_shows_the_place_in_the_queue_and_stop_returns_partial_images(slow_server, browser):
+    url, _ = slow_server
+    pages = [open_page(browser, url) for _ in range(2)]
+    for page in pages:
+        _ready(page, "a blue square", 1)
+    pages[0].locator("#generate").click()
+    pages[0].wait_for_function("() => document.querySelector('#progress [role=progressbar]')", timeout=30000)
+    pages[1].locator("#generate").click()  # waits behind the first: Gradio shows its place
+    pages[1].locator("#progress").get_by_text(re.compile(r"queue: 1/\d")).wait_for(timeout=10000)
+    pages[0].locator("#stop").click()
+    pages[0].locator("#progress").get_by_text("stopped").wait_for(timeout=10000)
+    stopped = gallery_parameters(pages[0])
+    assert len(stopped) == 1 and stopped[0]["settings"]["completed"] is False  # the partial image, saved
+    pages[1].locator("#progress").get_by_text("done").wait_for(timeout=30000)
+    finished = gallery_parameters(pages[1])
+    assert len(finished) == 1 and finished[0]["settings"]["completed"] is True
+    for page in pages:
+        page.close()
+
+
+def test_browser_stop_while_queued_ends_the_request_without_computing(slow_server, browser):
+    url, steps = slow_server
+    pages = [open_page(browser, url) for _ in range(2)]
+    _ready(pages[0], "a blue square", 1)
+    _ready(pages[1], "a red circle", 3)  # the only request with 3 rows: the step log tells whether it computed
+    pages[0].locator("#generate").click()
+    pages[0].wait_for_function("() => document.querySelector('#progress [role=progressbar]')", timeout=30000)
+    pages[1].locator("#generate").click()
+    pages[1].locator("#progress").get_by_text(re.compile(r"queue: 1/\d")).wait_for(timeout=10000)
+    pages[1].locator("#stop").click()
+    pages[1].locator("#progress").get_by_text("stopped before it started").wait_for(timeout=5000)
+    running = pages[0].locator("#progress").inner_text()
+    assert "done" not in running and "stopped" not in running  # it ended while the request in front still ran
+
+    # The request in front stops; a new one joins the queue. Had the stopped request stayed in the queue, it would
+    # run first (one request at a time, first in first out).
+    pages[0].locator("#stop").click()
+    pages[0].locator("#progress").get_by_text("stopped").wait_for(timeout=10000)
+    pages[0].get_by_label("Seed (-1 = random)").first.fill("77")
+    pages[0].locator("#generate").click()  # Stop is not sticky: the next Generate runs to the end
+    pages[0].locator("#gallery img[src*='-seed77.png']").wait_for(timeout=30000)
+    pages[0].locator("#progress").get_by_text("done").wait_for(timeout=10000)
+    assert 3 not in _steps_by_rows(steps)  # the stopped request never ran a decoding step
+    assert pages[1].locator("#gallery img").count() == 0
+    assert "stopped before it started" in pages[1].locator("#progress").inner_text()
+    for page in pages:
+        page.close()
+
