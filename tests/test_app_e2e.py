@@ -1,9 +1,11 @@
 """End to end: `python app.py` on 127.0.0.1 with a tiny model; every API endpoint through gradio_client, and every
 tab in headless Chromium (Debian's /usr/bin/chromium through Playwright): one-click examples, top-p, the progress
-bar, send-to-priming, and two browser sessions each on its own model. Queueing and Stop: test_app_stop_e2e.py."""
+bar, send-to-priming, CLIP reranking, reading a PNG's parameters back, priming an uploaded image with kept rows and
+a box, and two browser sessions each on its own model. Queueing, Stop and live previews: test_app_stop_e2e.py."""
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,8 @@ gradio_client = pytest.importorskip("gradio_client")
 from dalle_app.service import read_parameters
 
 from app_factory import make_tiny_model
-from browser_helpers import browser, gallery_parameters, set_slider, wait_images, watch_progress  # noqa: F401
+from browser_helpers import (browser, gallery_parameters, open_page, set_slider, wait_images,  # noqa: F401
+                             watch_progress)
 from reliability_server import start_app, stop_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,11 +55,14 @@ def test_api_lists_the_four_named_endpoints_with_their_parameter_names(client):
         assert [p["parameter_name"] for p in endpoints[name]["parameters"]] == params
 
 
-def test_api_text_to_image_and_prime_and_reconstruct(client):
+def test_api_text_to_image_and_prime_and_reconstruct(server, client):
     files, info = client.predict("a red circle", 2, 1.0, 16, 1.0, 11, api_name="/text_to_image")
     paths = _paths(files)
     assert info["seeds"] == [11, 12] and len(paths) == 2 and paths[0].endswith(".png")
-    assert read_parameters(paths[1])["seed"] == 12  # the PNG text chunk survives the trip through Gradio
+    assert isinstance(info["seconds"], float) and 0 < info["seconds"] < 60  # the timing, in seconds
+    params = read_parameters(paths[1])  # the PNG text chunk survives the trip through Gradio
+    assert params["seed"] == 12 and params["prompt"] == "a red circle"
+    assert params["model"] == str(server[1] / "model") and "revision" in params  # None for a local folder
     files, info = client.predict(gradio_client.handle_file(paths[0]), "a blue square", 2, 3, 1.0, 16, 2.0, 0,
                                  api_name="/prime_image")
     assert info["seeds"] == [0, 1, 2] and read_parameters(_paths(files)[0])["settings"]["keep_rows"] == 2
@@ -188,3 +194,72 @@ def test_cli_generate_writes_the_same_pngs(server, tmp_path):
                           "--prompt", "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and bad.stderr.startswith("error:")
 
+
+def test_browser_clip_rerank_keeps_the_best_m_with_their_scores(server, browser):
+    page = open_page(browser, server[0])
+    page.get_by_label("Prompt", exact=True).fill("a red circle on a blue background")
+    page.get_by_label("Seed (-1 = random)").first.fill("5")
+    set_slider(page, "t2i-n", 3)
+    page.locator("#t2i-rerank input[type=checkbox]").check()
+    set_slider(page, "t2i-keep", 2)
+    page.locator("#generate").click()
+    wait_images(page, "#gallery", 2, "#info")
+    page.locator("#progress").get_by_text("done").wait_for(timeout=30000)
+    captions = page.locator("#gallery .caption-label").all_inner_texts()
+    matches = [re.fullmatch(r"seed (\d+) · CLIP (-?\d+\.\d{3})", c) for c in captions]
+    assert len(captions) == 2 and all(matches), captions  # M = 2 of N = 3, each with its seed and CLIP score
+    scores = [float(m.group(2)) for m in matches]
+    assert scores == sorted(scores, reverse=True)  # best first
+    params = gallery_parameters(page)
+    assert [p["seed"] for p in params] == [int(m.group(1)) for m in matches]
+    assert {p["seed"] for p in params} < {5, 6, 7} and params[0]["settings"]["rerank_keep"] == 2
+    page.close()
+
+
+def test_browser_reads_the_parameters_of_an_app_png_back_into_the_controls(server, client, browser):
+    files, _ = client.predict("a yellow star on a black background", 3, 0.7, 16, 2.5, 42, api_name="/text_to_image")
+    png = _paths(files)[0]
+    page = open_page(browser, server[0])
+    page.get_by_text("Read parameters from a PNG").click()  # open the accordion
+    page.locator("#png-file input[type=file]").set_input_files(png)
+    page.locator("#png-params").get_by_text('"seed"').wait_for(timeout=30000)
+    prompt = page.get_by_label("Prompt", exact=True)
+    page.wait_for_function("(el) => el.value.startsWith('a yellow star')", arg=prompt.element_handle(), timeout=10000)
+    assert prompt.input_value() == "a yellow star on a black background"
+    assert page.get_by_label("Seed (-1 = random)").first.input_value() == "42"
+    assert page.locator("#t2i-n input[type=number]").input_value() == "3"
+    assert float(page.get_by_label("number input for Temperature").first.input_value()) == pytest.approx(0.7)
+    assert float(page.get_by_label("number input for Guidance scale (1 = off)").first.input_value()) == 2.5
+    page.close()
+
+
+def test_browser_primes_an_uploaded_image_keeping_rows_and_a_box(server, browser, tmp_path):
+    from PIL import Image
+
+    upload = tmp_path / "white.png"
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(upload)
+    page = open_page(browser, server[0])
+    page.get_by_role("tab", name="Image priming").click()
+    page.locator("#prime-input input[type=file]").set_input_files(str(upload))
+    page.locator("#prime-input img").wait_for(timeout=10000)
+    page.locator("#prime-prompt textarea").fill("a blue square")
+    set_slider(page, "prime-keep-rows", 2)
+    page.locator("#prime-use-box input[type=checkbox]").check()
+    for name, value in (("left", 0.5), ("top", 0.5), ("right", 1), ("bottom", 1)):
+        page.locator(f"#prime-box-{name} input").fill(str(value))
+    set_slider(page, "prime-n", 2)
+    page.locator("#prime-seed input").fill("8")
+    page.locator("#prime-run").click()
+    page.locator("#prime-kept img").wait_for(timeout=30000)
+    wait_images(page, "#prime-gallery", 2, "#prime-info")
+    params = gallery_parameters(page, "#prime-gallery")
+    assert [p["seed"] for p in params] == [8, 9]
+    assert params[0]["settings"]["keep_rows"] == 2 and params[0]["settings"]["box"] == [0.5, 0.5, 1, 1]
+    # the kept part shows the white upload where it is kept (top 2 of 8 token rows, the bottom-right quarter) and
+    # dims the rest: 32 px images, 4 px per token
+    kept = Image.open(io.BytesIO(page.request.get(page.locator("#prime-kept img").get_attribute("src")).body()))
+    kept = kept.convert("L")
+    assert kept.size == (32, 32)
+    assert kept.getpixel((2, 2)) > 200 and kept.getpixel((26, 26)) > 200  # a kept row, inside the box
+    assert kept.getpixel((2, 20)) < 120 and kept.getpixel((26, 10)) < 120  # neither
+    page.close()

@@ -1,5 +1,5 @@
 """End to end, with slow decoding steps: the place in Gradio's queue, Stop while running (partial images) and
-while queued (the request never computes), in headless Chromium.
+while queued (the request never computes), and live previews in the gallery, in headless Chromium.
 
 The app runs through tests/reliability_launcher.py, which sleeps in every decoding step (no CPU used) and logs the
 steps it ran by batch rows, with one request computing at a time (--max-active 1)."""
@@ -87,3 +87,25 @@ def test_browser_stop_while_queued_ends_the_request_without_computing(slow_serve
     for page in pages:
         page.close()
 
+
+def test_browser_gallery_shows_live_previews_before_the_final_images(slow_server, browser):
+    url, _ = slow_server
+    page = open_page(browser, url)
+    _ready(page, "a green triangle", 1)
+    page.evaluate("""() => { window.shown = []; new MutationObserver(() => {
+        const srcs = [...document.querySelectorAll('#gallery img')].map(i => i.src).join(' ');
+        const bar = document.querySelector('#progress [role=progressbar]');
+        const last = window.shown[window.shown.length - 1];
+        if (srcs && (!last || last.srcs !== srcs))
+            window.shown.push({srcs, percent: bar ? Number(bar.getAttribute('aria-valuenow')) : null}); })
+        .observe(document.body, {subtree: true, childList: true, attributes: true}); }""")
+    page.locator("#generate").click()
+    page.locator("#progress").get_by_text("done").wait_for(timeout=30000)
+    shown = page.evaluate("() => window.shown")
+    final = shown[-1]
+    assert re.search(r"-seed\d+\.png$", final["srcs"]) and final["percent"] == 100, shown  # the written PNG
+    previews = [s for s in shown[:-1] if "-seed" not in s["srcs"]]
+    assert len(previews) == len(shown) - 1 and len(previews) >= 3, shown  # several previews, then the final one
+    assert all(p["percent"] is None or p["percent"] < 100 for p in previews), shown
+    assert any(p["percent"] and p["percent"] >= 25 for p in previews), shown  # previews while it computed
+    page.close()
