@@ -23,18 +23,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(root: Path, *extra: str, env: dict | None = None, faults: bool = False
+def start_app(root: Path, *extra: str, env: dict | None = None, faults: bool = False,
+              program: list[str] | None = None, unset: tuple[str, ...] = ()
               ) -> tuple[subprocess.Popen, str, Path]:
     """Build a tiny model under `root`, start app.py on it; return (process, url, model folder).
 
-    env: extra environment variables. faults: start it through tests/reliability_launcher.py, which injects the
-    faults its environment variables ask for (slow steps, simulated out-of-memory, no Hub retry waits)."""
+    env: extra environment variables; unset: variables removed from the app's environment. faults: start it through
+    tests/reliability_launcher.py, which injects the faults its environment variables ask for (slow steps, simulated
+    out-of-memory, no Hub retry waits). program: another launcher to run instead of app.py (its arguments first),
+    which is given app.py's flags."""
     folder = make_tiny_model(root / "model")
     port = free_port()
     env = dict(os.environ, DALLE_APP_MODEL_DIRS=str(root), DALLE_APP_CATALOG=str(root / "catalog.json"),
                GRADIO_SERVER_NAME="127.0.0.1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    for name in unset:
+        env.pop(name, None)
     log = open(root / "app.log", "w")
-    program = [str(ROOT / "tests" / "reliability_launcher.py")] if faults else ["app.py"]
+    program = program or ([str(ROOT / "tests" / "reliability_launcher.py")] if faults else ["app.py"])
     proc = subprocess.Popen([sys.executable, *program, "--model", str(folder), "--port", str(port), "--device",
                              "cpu", "--dtype", "fp32", *extra], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
