@@ -137,14 +137,19 @@ def reference_dalle(dalle):
 
 
 @torch.no_grad()
-def time_reference(reference, dalle, rows, cond_scale, device):
-    """Seconds for DALLE-pytorch's own `generate_images` (its KV cache on, as its generate.py does)."""
+def time_reference(reference, dalle, rows, cond_scale, device, repeats: int = 3):
+    """Median seconds of DALLE-pytorch's own `generate_images` (its KV cache on, as its generate.py does), after one
+    warm-up run, like the engine's timing."""
     text = prompt(dalle, rows).to(device)
-    sync(device)
-    t = time.perf_counter()
-    reference.generate_images(text, filter_thres=0.9, cond_scale=cond_scale, use_cache=True)
-    sync(device)
-    return time.perf_counter() - t
+    times = []
+    for i in range(repeats + 1):
+        sync(device)
+        t = time.perf_counter()
+        reference.generate_images(text, filter_thres=0.9, cond_scale=cond_scale, use_cache=True)
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def bytes_per_step(dalle, rows, cond_scale):
@@ -191,7 +196,7 @@ def main():
                 unc = None if args.no_uncached else time_uncached(dalle, images, cs, device)
                 ref = REFERENCE_SECONDS.get((shape, images, cs))
                 if reference is not None:
-                    ref = round(time_reference(reference, dalle, images, cs, device), 2)
+                    ref = round(time_reference(reference, dalle, images, cs, device, args.repeats), 2)
                 floor = bytes_per_step(dalle, images, cs) / bandwidth
                 row = dict(shape=shape, images=images, cond_scale=cs, seconds=sec, ms_per_token=per_token * 1e3,
                            uncached_seconds=unc, reference_seconds=ref, floor_fraction=floor / per_token,
@@ -199,7 +204,7 @@ def main():
                 rows_out.append(row)
                 print(f"| {shape} | {images} | {cs:g} | {sec:.3f} | {images / sec:.1f} | {per_token * 1e3:.2f} | "
                       f"{f'{unc / sec:.0f}x (uncached {unc:.1f} s)' if unc else '-'} | "
-                      f"{f'{ref / sec:.0f}x ({ref} s)' if ref else '-'} | {floor / per_token:.0%} |", flush=True)
+                      f"{f'{ref / sec:.1f}x ({ref} s)' if ref else '-'} | {floor / per_token:.0%} |", flush=True)
         del dalle
         if device.type == "cuda":
             torch.cuda.empty_cache()
