@@ -15,7 +15,7 @@ pytest.importorskip("youtokentome")
 from browser_helpers import browser, gallery_parameters, open_page, set_slider  # noqa: F401
 from reliability_server import start_app, stop_app
 
-STEP_DELAY = 0.03  # seconds per image per decoding step: a 1-image request of the tiny model takes about 2 s
+STEP_DELAY = 0.03  # seconds per image per decoding step: a request of the tiny model takes about 2 s per image
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,8 @@ def _ready(page, prompt: str, images: int):
 def test_browser_shows_the_place_in_the_queue_and_stop_returns_partial_images(slow_server, browser):
     url, _ = slow_server
     pages = [open_page(browser, url) for _ in range(2)]
-    for page in pages:
-        _ready(page, "a blue square", 1)
+    _ready(pages[0], "a blue square", 4)  # about 8 s unless stopped: time enough for the second page to queue
+    _ready(pages[1], "a blue square", 1)
     pages[0].locator("#generate").click()
     pages[0].wait_for_function("() => document.querySelector('#progress [role=progressbar]')", timeout=30000)
     pages[1].locator("#generate").click()  # waits behind the first: Gradio shows its place
@@ -51,7 +51,7 @@ def test_browser_shows_the_place_in_the_queue_and_stop_returns_partial_images(sl
     pages[0].locator("#stop").click()
     pages[0].locator("#progress").get_by_text("stopped").wait_for(timeout=10000)
     stopped = gallery_parameters(pages[0])
-    assert len(stopped) == 1 and stopped[0]["settings"]["completed"] is False  # the partial image, saved
+    assert len(stopped) == 4 and not any(p["settings"]["completed"] for p in stopped)  # the partial images, saved
     pages[1].locator("#progress").get_by_text("done").wait_for(timeout=30000)
     finished = gallery_parameters(pages[1])
     assert len(finished) == 1 and finished[0]["settings"]["completed"] is True
@@ -59,31 +59,41 @@ def test_browser_shows_the_place_in_the_queue_and_stop_returns_partial_images(sl
         page.close()
 
 
+def _queue_size(page, url: str) -> int:
+    """How many requests wait in Gradio's queue (not counting the running ones)."""
+    return page.request.get(f"{url}gradio_api/queue/status").json()["queue_size"]
+
+
 def test_browser_stop_while_queued_ends_the_request_without_computing(slow_server, browser):
     url, steps = slow_server
     pages = [open_page(browser, url) for _ in range(2)]
-    _ready(pages[0], "a blue square", 1)
+    _ready(pages[0], "a blue square", 4)  # stopped early below
     _ready(pages[1], "a red circle", 3)  # the only request with 3 rows: the step log tells whether it computed
     pages[0].locator("#generate").click()
     pages[0].wait_for_function("() => document.querySelector('#progress [role=progressbar]')", timeout=30000)
     pages[1].locator("#generate").click()
     pages[1].locator("#progress").get_by_text(re.compile(r"queue: 1/\d")).wait_for(timeout=10000)
+    assert _queue_size(pages[1], url) == 1
     pages[1].locator("#stop").click()
     pages[1].locator("#progress").get_by_text("stopped before it started").wait_for(timeout=5000)
+    deadline = time.time() + 3
+    while _queue_size(pages[1], url) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _queue_size(pages[1], url) == 0  # it left the queue at once...
+    signal = pages[1].locator("#t2i-cancel-signal")
+    assert signal.count() == 1 and not signal.is_visible()  # the hidden component whose change cancelled it
     running = pages[0].locator("#progress").inner_text()
-    assert "done" not in running and "stopped" not in running  # it ended while the request in front still ran
+    assert "done" not in running and "stopped" not in running  # ...while the request in front still ran
 
-    # The request in front stops; a new one joins the queue. Had the stopped request stayed in the queue, it would
-    # run first (one request at a time, first in first out).
     pages[0].locator("#stop").click()
     pages[0].locator("#progress").get_by_text("stopped").wait_for(timeout=10000)
-    pages[0].get_by_label("Seed (-1 = random)").first.fill("77")
-    pages[0].locator("#generate").click()  # Stop is not sticky: the next Generate runs to the end
-    pages[0].locator("#gallery img[src*='-seed77.png']").wait_for(timeout=30000)
-    pages[0].locator("#progress").get_by_text("done").wait_for(timeout=10000)
+    set_slider(pages[1], "t2i-n", 1)
+    pages[1].get_by_label("Seed (-1 = random)").first.fill("77")
+    pages[1].locator("#generate").click()  # Stop is not sticky: the next Generate runs to the end
+    pages[1].locator("#gallery img[src*='-seed77.png']").wait_for(timeout=30000)
+    pages[1].locator("#progress").get_by_text("done").wait_for(timeout=10000)
     assert 3 not in _steps_by_rows(steps)  # the stopped request never ran a decoding step
-    assert pages[1].locator("#gallery img").count() == 0
-    assert "stopped before it started" in pages[1].locator("#progress").inner_text()
+    assert [p["seed"] for p in gallery_parameters(pages[1])] == [77]
     for page in pages:
         page.close()
 

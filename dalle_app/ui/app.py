@@ -229,9 +229,11 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
             queued = [trigger(arm, None, runs[tab], **quick).then(handler, [*inputs, runs[tab]], outputs, **ui)
                       for trigger in triggers]
             # Stop: flag the run (a running request returns its partial result), then, only while the request is
-            # still waiting in Gradio's queue, take it out of the queue.
-            stop_button.click(stop, None, progress_out, **quick).then(cancel_if_queued, None, None, **quick) \
-                .success(None, None, None, cancels=queued, api_visibility="private")
+            # still waiting in Gradio's queue, change a hidden signal whose change event takes it out of the queue
+            # (Gradio drops `cancels` on a .then/.success step, so the cancel hangs on a component's own event).
+            signal = gr.Number(0, visible="hidden", elem_id=f"{tab}-cancel-signal")
+            stop_button.click(stop, None, progress_out, **quick).then(cancel_if_queued, None, signal, **quick)
+            signal.change(None, None, None, cancels=queued, api_visibility="private")
 
         wire("t2i", (generate_btn.click, prompt.submit, t2i_examples.load_input_event.then), h.text_to_image,
              [model, prompt, t2i["n"], t2i["temperature"], t2i["top_k"], t2i["top_p"], t2i["cond_scale"], seed,

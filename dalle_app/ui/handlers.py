@@ -179,17 +179,18 @@ class Handlers:
         return self.runs.arm(self._key(request, tab))
 
     def stop(self, request: gr.Request = None, tab: str = "t2i"):
-        """Stop this session's request of `tab`: a running one returns its partial result, a queued one will not
-        run at all."""
+        """Stop this session's request of `tab`. A queued one will not run at all: its progress bar says so at once.
+        A running one returns its partial result within a token, and its own last update says "stopped"; the bar is
+        left alone here (gr.skip()), as this answer could arrive after that update and hide it."""
         queued = self.runs.stop(self._key(request, tab))
-        return progress_html(idle=NOT_STARTED if queued else "stopping...")
+        return progress_html(idle=NOT_STARTED) if queued else gr.skip()
 
     def cancel_if_queued(self, request: gr.Request = None, tab: str = "t2i"):
-        """Stop's second step: succeeds (so the next step takes the request out of Gradio's queue) only while the
-        request is still waiting there; a running request is left to return its partial result."""
-        if not self.runs.queued(self._key(request, tab)):
-            raise gr.Error("The request is running; it stops at its next token.", visible=False,
-                           print_exception=False)
+        """Stop's second step: while the request still waits in Gradio's queue, a new value (its run number) for the
+        hidden signal whose change takes the request out of the queue; a running request is left alone (gr.skip())
+        to return its partial result."""
+        key = self._key(request, tab)
+        return self.runs.latest(key) if self.runs.queued(key) else gr.skip()
 
     def controls(self, tab: str):
         """(arm, stop, cancel_if_queued) as Gradio event functions for one tab's Generate and Stop buttons."""

@@ -50,6 +50,11 @@ class Runs:
         with self._lock:
             return self._armed.get(key, 0) > self._started.get(key, 0)
 
+    def latest(self, key) -> int:
+        """The number of the last run armed for `key` (0 when none)."""
+        with self._lock:
+            return self._armed.get(key, 0)
+
     def stopped(self, key, run: int) -> bool:
         """Whether Stop was pressed for `run` (or a later run) of `key`."""
         with self._lock:
