@@ -1,7 +1,7 @@
 """End to end: `python app.py` on 127.0.0.1 with a tiny model; every API endpoint through gradio_client, and every
 tab in headless Chromium (Debian's /usr/bin/chromium through Playwright): one-click examples, top-p, the progress
 bar, send-to-priming, CLIP reranking, reading a PNG's parameters back, priming an uploaded image with kept rows and
-a box, and two browser sessions each on its own model. Queueing, Stop and live previews: test_app_stop_e2e.py."""
+a box, two browser sessions each on its own model, and errors shown as one sentence. Queueing, Stop and live previews: test_app_stop_e2e.py."""
 
 import io
 import os
@@ -262,4 +262,27 @@ def test_browser_primes_an_uploaded_image_keeping_rows_and_a_box(server, browser
     assert kept.size == (32, 32)
     assert kept.getpixel((2, 2)) > 200 and kept.getpixel((26, 26)) > 200  # a kept row, inside the box
     assert kept.getpixel((2, 20)) < 120 and kept.getpixel((26, 10)) < 120  # neither
+    page.close()
+
+
+def test_browser_errors_are_one_sentence_and_the_page_keeps_working(server, browser, tmp_path):
+    url, root = server
+    page = open_page(browser, url)
+    page.get_by_label("Prompt", exact=True).fill("   ")
+    page.locator("#generate").click()
+    shown = page.get_by_text(re.compile(r"prompt", re.I)).filter(has_text=re.compile(r"empty|give|write", re.I))
+    shown.first.wait_for(timeout=30000)
+    page.locator("#model-panel").get_by_text("Model", exact=True).first.click()
+    box = page.get_by_label("Hub reference or local path")
+    for reference, sentence in ((root / "no-such-model", "No file or folder exists at"),
+                                (root / "notes.pt", "is not a PyTorch checkpoint")):
+        if reference.name == "notes.pt":
+            reference.write_text("not a checkpoint")
+        box.fill(str(reference))
+        page.locator("#load-model").click()
+        message = page.get_by_text(sentence).first
+        message.wait_for(timeout=30000)
+        text = message.inner_text()
+        assert "Traceback" not in page.content() and text.count(". ") <= 1, text
+    assert _generate(page, 41)["model"] == str(root / "model")  # still served, on the default model
     page.close()
