@@ -262,3 +262,14 @@ def test_pickle_that_would_run_code_is_refused_and_never_runs(service, layout):
         svc.load(str(target))
     assert not marker.exists(), "the crafted pickle ran code"
     assert "\n" not in str(info.value).strip()
+
+
+def test_a_16_bit_upload_keeps_its_gradient_through_the_app(client, tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)  # dark on the left, bright on the right
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    files, _ = client.predict(gradio_client.handle_file(str(tmp_path / "ramp16.png")), api_name="/reconstruct")
+    paths = [f["image"] if isinstance(f, dict) else f for f in files]
+    seen = next(p for p in paths if "input" in Path(p).name)  # the picture as the VAE sees it
+    columns = np.asarray(Image.open(seen).convert("L"), dtype=np.float32).mean(axis=0)
+    assert columns[0] < 30 and columns[-1] > 225 and 90 < columns[len(columns) // 2] < 165, columns
+    assert (np.diff(columns) >= -2).all()  # rises from left to right instead of saturating

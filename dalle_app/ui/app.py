@@ -24,7 +24,7 @@ def checked_image(**kwargs) -> gr.Image:
     The check is set on the instance: a gr.Image subclass would make Gradio write a .pyi file next to this module."""
     from ..service_utils import load_image
 
-    image = gr.Image(**kwargs)
+    image = gr.Image(**{"image_mode": None, **kwargs})  # Gradio's default "RGB" would clip 16-bit uploads to white
     original = image.preprocess
 
     def preprocess(payload):
@@ -42,8 +42,10 @@ def checked_image(**kwargs) -> gr.Image:
 
 
 def _final(outputs):
-    """shown(update) for an API endpoint: nothing new (two skips) until the final update, then outputs(update)."""
-    return lambda u: outputs(u) if u.done else (gr.skip(), gr.skip())
+    """shown(update) for an API endpoint: nothing (None) until the final update, then outputs(update). Not
+    gr.skip(): Gradio 6.31 keeps one more component per output in the session for every gr.skip() a generator
+    yields (2.5 MB per 100 API requests of one client); clients take only the final value."""
+    return lambda u: outputs(u) if u.done else (None, None)
 
 
 def _sampling(prefix: str, n_label: str = "Number of images", guidance: bool = True) -> dict:
