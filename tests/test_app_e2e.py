@@ -166,7 +166,8 @@ def test_two_browser_sessions_each_keep_their_own_model(server, browser):
     page_a.locator("#model-panel").get_by_text("Model", exact=True).first.click()  # open the accordion
     page_a.get_by_label("Hub reference or local path").fill(str(other))
     page_a.locator("#load-model").click()
-    page_a.locator("#model-summary").get_by_text(str(other)).first.wait_for(timeout=30000)
+    # generous: on a busy 2-core machine the load may wait behind a request of an earlier test
+    page_a.locator("#model-summary").get_by_text(str(other)).first.wait_for(timeout=90000)
     assert _generate(page_b, 31)["model"] == str(root / "model")  # B never asked: the default
     assert _generate(page_a, 32)["model"] == str(other)
     assert _generate(page_b, 33)["model"] == str(root / "model")  # A's switch did not reach B
