@@ -38,6 +38,8 @@ from .service_utils import (MAX_IMAGES, Cancelled, RequestError, Scheduler, Upda
 
 __all__ = ["MAX_IMAGES", "OutOfMemory", "RequestError", "Service", "Update", "read_parameters", "validate_sampling"]
 
+STOPPED_WAITING = "stopped before its turn on the model"
+
 
 class OutOfMemory(RequestError):
     """Even one image at a time does not fit in the device's memory."""
@@ -176,7 +178,8 @@ class Service:
     def _turns(self, work: Callable, should_stop: Callable[[], bool] | None) -> Generator[Update, None, object]:
         """Run work(emit, stop) in its own thread inside scheduler turns; yield its Updates (keep-alives while
         nothing happens) and return its value (None when cancelled): `value = yield from self._turns(...)`.
-        Closing this generator cancels the work."""
+        Closing this generator cancels the work; so does a stop while it still waits for its first turn (after a
+        final Update saying so)."""
         ticket = self.scheduler.ticket()
         user_stop = should_stop or (lambda: False)
 
@@ -191,6 +194,10 @@ class Service:
         try:
             for item in run_in_thread(job, self.heartbeat_s):
                 if item is None:
+                    if not ticket.started and user_stop():  # Stop before its first turn: end without computing
+                        yield Update(done=True, progress_text=STOPPED_WAITING,
+                                     info={"completed": False, "stopped": STOPPED_WAITING})
+                        return None
                     ahead = ticket.position()
                     text = last_text if ahead is None else (
                         f"waiting for the model ({ahead} request{'s' if ahead != 1 else ''} ahead)")

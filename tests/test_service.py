@@ -357,3 +357,26 @@ def test_in_fresh_thread_returns_result_reraises_and_runs_elsewhere():
     with pytest.raises(ValueError, match="boom"):
         in_fresh_thread(lambda: (_ for _ in ()).throw(ValueError("boom")))
 
+
+
+def test_a_stop_while_waiting_for_a_turn_ends_the_request_without_computing(service, slow_steps):
+    from dalle_app.service import STOPPED_WAITING
+
+    fair = Service(service.default_reference, manager=service.manager, output_dir=service.output_dir,
+                   max_active=1, heartbeat_s=0.05)
+    big = fair.text_to_image("a blue square", 16, seed=0)
+    next(u for u in big if u.images)  # computing, in the only place
+    stop = threading.Event()
+    small = fair.text_to_image("a red circle", 3, seed=5, should_stop=stop.is_set)
+    assert next(small).waiting  # behind the big one
+    stop.set()
+    start = time.perf_counter()
+    rest = list(small)
+    assert time.perf_counter() - start < 0.5 and len(rest) == 1
+    assert rest[0].done and not rest[0].files and rest[0].progress_text == STOPPED_WAITING
+    assert rest[0].info["completed"] is False
+    big.close()
+    while fair.scheduler.stats()["started"]:
+        time.sleep(0.01)
+    assert 3 not in slow_steps  # the stopped request never ran a step
+    assert _last(fair.text_to_image("a red circle", 3, seed=5)).info["seeds"] == [5, 6, 7]  # the next one works
