@@ -258,7 +258,9 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
         png_file.upload(h.restore, png_file, [prompt, t2i["n"], t2i["temperature"], t2i["top_k"], t2i["top_p"],
                                               t2i["cond_scale"], seed, png_params], api_visibility="private")
         # loading reads weights: it runs in the queue, but beside the model work, not in its group
-        catalog_choice.change(h.catalog_reference, catalog_choice, model_ref, **quick)
+        # .input, not .change: Gradio may fire .change once the page mounts, which overwrote a reference typed
+        # in the first moments with the default one
+        catalog_choice.input(h.catalog_reference, catalog_choice, model_ref, **quick)
         load_btn.click(h.load_model, [catalog_choice, model_ref], [model_summary, model_card, model, rerank, keep_rows],
                        concurrency_limit=1, api_visibility="private")
         demo.unload(h.forget)
