@@ -172,17 +172,17 @@ class Trainer:
         self.opt_vae.step()
         out = {"vae": loss.item(), "temp": temp}
         if self.step % self.cfg.log_every == 0:
-            out["psnr"] = self._vae_psnr(images).item()
-            out["codes"] = self._last_codes_used
+            psnr_db, out["codes"] = self._vae_check(images)
+            out["psnr"] = psnr_db.item()
         return out
 
     @torch.no_grad()
-    def _vae_psnr(self, images) -> torch.Tensor:
+    def _vae_check(self, images) -> tuple[torch.Tensor, int]:
+        """(PSNR of the VAE's reconstructions of `images`, how many codebook entries they use: collapse shows here)."""
         self.vae.eval()
         ids = self.vae.get_codebook_indices(images)
-        self._last_codes_used = int(ids.unique().numel())  # codebook entries this batch uses (collapse shows here)
         recon = self.vae.to_unit_range(self.vae.decode(ids).float())
-        return psnr(recon, images)
+        return psnr(recon, images), int(ids.unique().numel())
 
     def _dalle_step(self, images, text, train_dalle: bool = True) -> dict:
         cfg = self.cfg
@@ -299,7 +299,7 @@ class Trainer:
         """VAE PSNR (dB, [0, 1] space) on n fresh renders from a stream not used for training."""
         ds = iter(ShapesDataset(seed=987654, image_size=self.cfg.image_size))
         images = torch.stack([next(ds)[0] for _ in range(n)]).to(self.device)
-        return self._vae_psnr(images).item()
+        return self._vae_check(images)[0].item()
 
     def export(self, folder, card: str | None = None, dtype: torch.dtype = torch.float16) -> Path:
         """Write the project format with the tokenizer; parameters stored in `dtype` (float16 halves the files;
