@@ -38,7 +38,7 @@ from .service_utils import (MAX_IMAGES, Cancelled, RequestError, Scheduler, Upda
 
 __all__ = ["MAX_IMAGES", "OutOfMemory", "RequestError", "Service", "Update", "read_parameters", "validate_sampling"]
 
-STOPPED_WAITING = "stopped before its turn on the model"
+NOT_STARTED = "stopped before it started"  # a request stopped before it computed anything (queue or turn)
 
 
 class OutOfMemory(RequestError):
@@ -195,8 +195,8 @@ class Service:
             for item in run_in_thread(job, self.heartbeat_s):
                 if item is None:
                     if not ticket.started and user_stop():  # Stop before its first turn: end without computing
-                        yield Update(done=True, progress_text=STOPPED_WAITING,
-                                     info={"completed": False, "stopped": STOPPED_WAITING})
+                        yield Update(done=True, progress_text=NOT_STARTED,
+                                     info={"completed": False, "stopped": NOT_STARTED})
                         return None
                     ahead = ticket.position()
                     text = last_text if ahead is None else (

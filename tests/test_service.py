@@ -360,7 +360,7 @@ def test_in_fresh_thread_returns_result_reraises_and_runs_elsewhere():
 
 
 def test_a_stop_while_waiting_for_a_turn_ends_the_request_without_computing(service, slow_steps):
-    from dalle_app.service import STOPPED_WAITING
+    from dalle_app.service import NOT_STARTED
 
     fair = Service(service.default_reference, manager=service.manager, output_dir=service.output_dir,
                    max_active=1, heartbeat_s=0.05)
@@ -373,7 +373,7 @@ def test_a_stop_while_waiting_for_a_turn_ends_the_request_without_computing(serv
     start = time.perf_counter()
     rest = list(small)
     assert time.perf_counter() - start < 0.5 and len(rest) == 1
-    assert rest[0].done and not rest[0].files and rest[0].progress_text == STOPPED_WAITING
+    assert rest[0].done and not rest[0].files and rest[0].progress_text == NOT_STARTED
     assert rest[0].info["completed"] is False
     big.close()
     while fair.scheduler.stats()["started"]:

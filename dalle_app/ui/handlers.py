@@ -13,8 +13,8 @@ from contextlib import closing
 
 import gradio as gr
 
-from ..service import RequestError, read_parameters
-from .runs import NOT_STARTED, Runs
+from ..service import NOT_STARTED, RequestError, read_parameters
+from .runs import Runs
 
 
 def error(exc: Exception) -> gr.Error:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import threading
 
-NOT_STARTED = "stopped before it started"
-
 
 class Runs:
     """The numbers of the last run armed, started and stopped, for each key (a session's tab)."""
