@@ -278,6 +278,7 @@ def test_browser_errors_are_one_sentence_and_the_page_keeps_working(server, brow
     page.locator("#generate").click()
     shown = page.get_by_text(re.compile(r"prompt", re.I)).filter(has_text=re.compile(r"empty|give|write", re.I))
     shown.first.wait_for(timeout=30000)
+    page.locator(".toast-close").first.click()  # the toast would cover the Load button for its ten seconds
     page.locator("#model-panel").get_by_text("Model", exact=True).first.click()
     box = page.get_by_label("Hub reference or local path")
     for reference, sentence in ((root / "no-such-model", "No file or folder exists at"),
@@ -286,7 +287,7 @@ def test_browser_errors_are_one_sentence_and_the_page_keeps_working(server, brow
             reference.write_text("not a checkpoint")
         box.fill(str(reference))
         page.locator("#load-model").click()
-        message = page.get_by_text(sentence).first
+        message = page.locator("#model-status").get_by_text(sentence).first  # beside the button, not a toast
         message.wait_for(timeout=30000)
         text = message.inner_text()
         assert "Traceback" not in page.content() and text.count(". ") <= 1, text

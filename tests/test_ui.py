@@ -147,14 +147,18 @@ def test_a_stop_while_queued_ends_the_request_without_calling_the_service(servic
 
 def test_load_model_returns_the_card_and_the_sessions_reference(service):
     h = Handlers(service)
-    summary, card, ref, rerank, rows = h.load_model(None, "  weights/with-clip ")
+    status, summary, card, ref, rerank, rows = h.load_model(None, "  weights/with-clip ")
     assert ref == "weights/with-clip" and card["reference"] == ref and service.calls[-1] == ("load", ref)
-    assert "`weights/with-clip`" in summary and "| CLIP reranker | yes |" in summary
+    assert "`weights/with-clip`" in summary and "| CLIP reranker | yes |" in summary and "Loaded" in status
     assert rerank.interactive is True and rows.maximum == 8
-    _, _, _, rerank, _ = h.load_model(None, "weights/plain")
+    *_, rerank, _ = h.load_model(None, "weights/plain")
     assert rerank.interactive is False and rerank.value is False
-    with pytest.raises(gr.Error, match="No model was given"):
-        h.load_model(None, "  ")
+
+
+def test_a_model_that_cannot_be_loaded_is_one_sentence_beside_the_button_and_changes_nothing(service):
+    h = Handlers(service)
+    status, *rest = h.load_model(None, "  ")
+    assert "No model was given" in status and status.count(". ") == 0 and rest == [gr.skip()] * 5
 
 
 def test_card_summary_names_size_vae_tokenizer_and_device():

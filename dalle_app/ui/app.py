@@ -114,6 +114,7 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
                 model_ref = gr.Textbox(label="Hub reference or local path", value=default_ref,
                                        placeholder="owner/name[@revision] or weights/folder")
                 load_btn = gr.Button("Load model", elem_id="load-model")
+            model_status = gr.Markdown(elem_id="model-status")
             gr.Markdown("The model you load here is used for your requests only; other visitors keep theirs.")
             model_summary = gr.Markdown(card_markdown(card), elem_id="model-summary")
             with gr.Accordion("Full model card (JSON)", open=False):
@@ -261,7 +262,7 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
         # .input, not .change: Gradio may fire .change once the page mounts, which overwrote a reference typed
         # in the first moments with the default one
         catalog_choice.input(h.catalog_reference, catalog_choice, model_ref, **quick)
-        load_btn.click(h.load_model, [catalog_choice, model_ref], [model_summary, model_card, model, rerank, keep_rows],
+        load_btn.click(h.load_model, [catalog_choice, model_ref], [model_status, model_summary, model_card, model, rerank, keep_rows],
                        concurrency_limit=1, api_visibility="private")
         demo.unload(h.forget)
     return demo

@@ -270,9 +270,12 @@ class Handlers:
     # ------------------------------------------------------------------------------------------- model panel
 
     def load_model(self, choice, reference, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - Gradio's way
-        """Load the chosen model for this session only: (its card as Markdown and as JSON, the session's model
-        reference, the rerank checkbox and the rows-to-keep slider fitted to the model). Hub downloads show their
-        progress bars (huggingface_hub's tqdm) in the panel."""
+        """Load the chosen model for this session only: (a status line, its card as Markdown and as JSON, the
+        session's model reference, the rerank checkbox and the rows-to-keep slider fitted to the model). Hub
+        downloads show their progress bars (huggingface_hub's tqdm) in the panel.
+
+        A model that cannot be loaded leaves the session on its model and says why in the status line, beside the
+        button: an error toast would cover the button for its ten seconds."""
         from ..manager import Catalog
 
         try:
@@ -281,10 +284,13 @@ class Handlers:
                 raise RequestError("No model was given; choose a catalog model or enter a Hub reference or local path.")
             card = self.service.load(ref)
         except Exception as exc:  # noqa: BLE001
-            raise error(exc) from None
+            sentence = error(exc).message
+            return (f'<div class="model-error" style="color:#b91c1c">Not loaded: {html.escape(sentence)}</div>',
+                    gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
         side = (card.get("image") or {}).get("fmap_size") or 16
         rerank = gr.Checkbox(interactive=True) if card.get("clip") else gr.Checkbox(interactive=False, value=False)
-        return card_markdown(card), card, ref, rerank, gr.Slider(maximum=side, value=side // 2)
+        return (f"Loaded `{ref}` for your requests.", card_markdown(card), card, ref, rerank,
+                gr.Slider(maximum=side, value=side // 2))
 
     # ------------------------------------------------------------------------------------------- small controls
 
