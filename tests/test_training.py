@@ -90,3 +90,43 @@ def test_vae_usage_term_is_log_codebook_minus_entropy_of_the_mean_code_distribut
     torch.manual_seed(1)
     collapsed = vae(images, return_loss=True, temp=1.0, usage_weight=0.5) - vae(images, return_loss=True, temp=1.0)
     assert float(collapsed.detach()) > expected
+
+
+def test_dalle_steps_are_fitted_to_the_time_budget_and_the_recipe_then_names_them(tmp_path):
+    trainer = Trainer(quick_config(), tmp_path / "state", torch.device("cpu"), overrides=["dalle_steps=10000"])
+    trainer.phase, trainer.step = "dalle", 120
+    trainer.cfg.dalle_budget_minutes = 1.0
+    trainer._fit_dalle_steps(rate=10.0, seconds_spent=20.0)  # 40 s left at 10 steps/s
+    assert trainer.cfg.dalle_steps == 520 and trainer.cfg.dalle_budget_minutes == 0
+    trainer.cfg.dalle_budget_minutes = 60.0
+    trainer._fit_dalle_steps(rate=10.0, seconds_spent=20.0)  # the recipe's steps stay the ceiling
+    assert trainer.cfg.dalle_steps == 520
+
+
+def test_candidate_run_trains_exports_evaluates_and_packs_parts_that_unpack_to_a_loadable_model(tmp_path, monkeypatch):
+    import io
+    import json
+    import tarfile
+
+    from dalle_app.training.candidate import main as candidate
+
+    monkeypatch.setenv("DALLE_APP_MODEL_DIRS", str(tmp_path))  # the evaluation loads the export from here
+    folder = tmp_path / "run"
+    candidate(["--recipe", "quick", "--minutes", "4", "--folder", str(folder), "--eval-n", "4", "--shard-mib", "0.05",
+               "--reserve-minutes", "1", "--device", "cpu", "--set", "dalle_steps=150"])
+    summary = json.loads((folder / "summary.json").read_text())
+    # the step count was fitted in the loop (at step 120) to the budget, with the recipe's 150 as the ceiling
+    assert summary["phase"] == "done" and summary["config"]["dalle_budget_minutes"] == 0
+    assert summary["config"]["dalle_steps"] == 150 and summary["throughput"]["dalle"]["steps"] == 150
+    assert set(summary["eval_default.json"]["accuracy"]) >= {"color", "shape"}
+    assert "vae_upper_bound" in summary["eval_default.json"]
+    assert (folder / "weights").is_dir() and any((folder / "weights").iterdir())  # the copy kept during training
+    parts = sorted((folder / "pack").iterdir())
+    assert len(parts) > 1 and all(p.stat().st_size <= 0.05 * 2 ** 20 for p in parts)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    unpacked = tmp_path / "unpacked"
+    assert (unpacked / "model" / "model.safetensors").read_bytes() == (folder / "model" / "model.safetensors").read_bytes()
+    assert json.loads((unpacked / "eval_rerank8.json").read_text())["settings"]["rerank"] == 8
+    from dalle_app.manager import ModelManager
+    assert ModelManager(device="cpu").load(str(unpacked / "model")).clip is not None

@@ -31,6 +31,9 @@ class TrainConfig:
     dalle: dict = field(default_factory=lambda: dict(dim=256, depth=6, heads=8, dim_head=32, attn_types=("full",),
                                                      shift_tokens=True, rotary_emb=True, loss_img_weight=7))
     dalle_steps: int = 6000
+    # > 0: size dalle_steps to this many minutes of DALLE training, from the speed of its first 100 steps (at most
+    # dalle_steps); then set back to 0, so the saved recipe names the steps actually taken
+    dalle_budget_minutes: float = 0.0
     dalle_batch: int = 256
     dalle_lr: float = 6e-4
     weight_decay: float = 0.01

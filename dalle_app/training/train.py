@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -235,9 +236,19 @@ class Trainer:
         return out
 
     # -- driver --------------------------------------------------------------------------------------------------
-    def run(self, seconds: float, save_every: float = 120.0, stop_at_phase: str | None = None) -> bool:
+    def _fit_dalle_steps(self, rate: float, seconds_spent: float) -> None:
+        """Fix dalle_steps from the measured speed (steps/s) so that the phase fits cfg.dalle_budget_minutes (never
+        more steps than the recipe's); the learning-rate schedule follows, since the warm-up is not over yet."""
+        cfg = self.cfg
+        fitted = int(self.step + rate * max(0.0, cfg.dalle_budget_minutes * 60 - seconds_spent))
+        print(f"dalle: {rate:.1f} steps/s; {cfg.dalle_budget_minutes:g} min allow {fitted} steps "
+              f"(recipe: at most {cfg.dalle_steps})")
+        cfg.dalle_steps, cfg.dalle_budget_minutes = max(self.step + 1, min(cfg.dalle_steps, fitted)), 0.0
+
+    def run(self, seconds: float, save_every: float = 120.0, stop_at_phase: str | None = None,
+            on_save: Callable[[], None] | None = None) -> bool:
         """Train for at most `seconds` (wall clock), or until phase `stop_at_phase` begins; returns True when every
-        phase is done."""
+        phase is done. on_save: called after every checkpoint (e.g. to copy it somewhere safe)."""
         start = last_save = time.time()
         while self.phase not in ("done", stop_at_phase) and seconds > 0:
             total = {"vae": self.cfg.vae_steps, "dalle": self.cfg.dalle_steps, "clip": self.cfg.clip_steps}[self.phase]
@@ -264,6 +275,12 @@ class Trainer:
                 self.step += 1
                 ran += 1
                 bar.update(1)
+                if self.phase == "dalle" and self.cfg.dalle_budget_minutes > 0:
+                    if ran == 20:  # speed measured past the first steps (cuDNN autotuning, workers starting)
+                        t_rate = time.time()
+                    elif ran == 120:
+                        self._fit_dalle_steps(100 / (time.time() - t_rate), time.time() - t_first)
+                        total = bar.total = self.cfg.dalle_steps
                 now = time.time()
                 if now - start > seconds:
                     out_of_time = True
@@ -272,6 +289,8 @@ class Trainer:
                     self.seconds += now - t0
                     t0 = last_save = now
                     self.save()
+                    if on_save is not None:
+                        on_save()
                 t_fetch = time.time()
             bar.close()
             self.seconds += time.time() - t0
@@ -283,11 +302,17 @@ class Trainer:
                       f"{100 * waited / spent:.0f}% of the time")
             if out_of_time:
                 self.save()
+                if on_save is not None:
+                    on_save()
                 return False
+            if self.phase == "dalle":
+                self.cfg.dalle_budget_minutes = 0.0  # ended before the fit: the recipe's steps were taken
             self.phase, self.step = ("dalle", 0) if self.phase == "vae" else ("done", 0)
             if self.phase == "done" and self.clip is not None and self.clip_step < self.cfg.clip_steps:
                 self.phase, self.step = "clip", self.clip_step  # CLIP was restarted: finish it alone
             self.save()
+            if on_save is not None:
+                on_save()
         return self.phase == "done"
 
     def plot(self, path) -> None:

@@ -1,0 +1,137 @@
+"""Train, export, evaluate and pack a candidate built-in model in one wall-clock budget, unattended.
+
+    python -m dalle_app.training.candidate --recipe v3 --minutes 23 --folder runs/v3 [--set NAME=VALUE ...]
+
+Made for a rented GPU whose calls last at most ten minutes: start it in the background (`setsid nohup ... &`) and
+collect the files in later calls. Everything lands under --folder:
+
+    state/      the resumable checkpoint (run the same command again to continue after an interruption)
+    weights/    the models alone in float16, in shards of at most --shard-mib MiB, refreshed at every checkpoint:
+                small enough to carry away if the machine is lost; `--folder` with `--resume-weights` continues
+                from such a copy (fresh optimizers)
+    model/      the exported project-format model (once training is done)
+    eval_default.json, eval_rerank8.json   `python -m dalle_app.evaluate` on 500 held-out captions
+    summary.json  speed, steps, PSNR, the fidelity tables, and the seconds each part took
+    pack/       model/ and the JSON files as one tar in parts of at most --shard-mib MiB
+
+Unpack elsewhere with `cat pack/candidate.tar.* | tar x`. The DALLE phase gets the budget left after the VAE, less
+--reserve-minutes for exporting and evaluating: its step count is fitted to that time (see
+TrainConfig.dalle_budget_minutes), never above the recipe's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import RECIPES
+from .train import Trainer
+
+EVALUATIONS = {"eval_default.json": ["--rerank", "1", "--vae-judge", "200"], "eval_rerank8.json": ["--rerank", "8"]}
+
+
+def pack(files: list[Path], base: Path, out_dir: Path, part_mib: float) -> list[Path]:
+    """Write `files` (paths relative to `base` in the archive) as one tar split into parts of at most `part_mib`
+    MiB: out_dir/candidate.tar.000, .001, ..."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for f in files:
+            tar.add(f, arcname=str(f.relative_to(base)))
+    data, size = buffer.getvalue(), int(part_mib * 2 ** 20)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    parts = []
+    for i in range(0, len(data), size):
+        parts.append(out_dir / f"candidate.tar.{i // size:03d}")
+        parts[-1].write_bytes(data[i:i + size])
+    return parts
+
+
+def _train(args, folder: Path, device: torch.device, deadline: float) -> Trainer:
+    overrides = list(args.set)
+    state = folder / "state"
+    if args.resume_weights and not state.exists():
+        shutil.copytree(folder / "weights", state)  # models only: training continues with fresh optimizers
+    trainer = Trainer(RECIPES[args.recipe](), state, device, shard_mib=args.shard_mib, overrides=overrides)
+
+    def keep_a_copy():
+        trainer.save_weights(folder / "weights")
+
+    if trainer.phase == "vae":
+        trainer.run(deadline - time.time(), stop_at_phase="dalle", on_save=keep_a_copy)
+    if trainer.phase == "dalle" and trainer.step == 0:
+        left = (deadline - time.time()) / 60 - args.reserve_minutes
+        trainer.cfg.dalle_budget_minutes = max(1.0, left)
+    trainer.run(deadline - time.time() - args.reserve_minutes * 60 * 0.5, on_save=keep_a_copy)
+    return trainer
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dalle_app.training.candidate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="v3", choices=sorted(RECIPES))
+    parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget for everything")
+    parser.add_argument("--folder", required=True)
+    parser.add_argument("--reserve-minutes", type=float, default=3.0, help="kept for export and evaluation")
+    parser.add_argument("--shard-mib", type=float, default=15.0)
+    parser.add_argument("--eval-n", type=int, default=500)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--resume-weights", action="store_true", help="continue from weights/ (fresh optimizers)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="recipe overrides")
+    args = parser.parse_args(argv)
+
+    start = time.time()
+    deadline = start + args.minutes * 60
+    folder = Path(args.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    trainer = _train(args, folder, device, deadline)
+    summary = {"recipe": args.recipe, "config": trainer.cfg.to_dict(), "phase": trainer.phase,
+               "train_seconds": trainer.seconds, "throughput": trainer.throughput,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    trainer.plot(folder / "state" / "loss_curves.png")
+    if trainer.phase != "done":
+        summary["note"] = "training did not finish within the budget: nothing exported; run again to continue"
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary))
+        return
+
+    model = trainer.export(folder / "model")
+    shutil.copy(folder / "state" / "loss_curves.png", model / "loss_curves.png")
+    summary["export_seconds_after_start"] = time.time() - start
+    from ..evaluate import main as evaluate
+
+    for name, extra in EVALUATIONS.items():
+        t = time.time()
+        evaluate(["--model", str(model), "--n", str(args.eval_n), "--device", str(device), "--json",
+                  str(folder / name), *extra])
+        result = json.loads((folder / name).read_text())
+        summary[name] = {"seconds": time.time() - t, "vae_psnr": result["vae_psnr"],
+                         "accuracy": {k: round(v["accuracy"], 4) for k, v in result["table"].items()}}
+        if "vae_upper_bound" in result:
+            summary[name]["vae_upper_bound"] = {k: round(v["accuracy"], 4)
+                                                for k, v in result["vae_upper_bound"].items()}
+    summary["seconds"] = time.time() - start
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    files = sorted(p for p in model.rglob("*") if p.is_file())
+    files += [folder / n for n in (*EVALUATIONS, "summary.json")]
+    parts = pack(files, folder, folder / "pack", args.shard_mib)
+    print(json.dumps(summary))
+    print(f"packed {len(parts)} parts into {folder / 'pack'}; unpack with: cat candidate.tar.* | tar x")
+
+
+if __name__ == "__main__":
+    main()
