@@ -130,3 +130,12 @@ def test_candidate_run_trains_exports_evaluates_and_packs_parts_that_unpack_to_a
     assert json.loads((unpacked / "eval_rerank8.json").read_text())["settings"]["rerank"] == 8
     from dalle_app.manager import ModelManager
     assert ModelManager(device="cpu").load(str(unpacked / "model")).clip is not None
+
+    # a lost machine: only the float16 copy came away; a new folder continues from it (here: nothing left to train)
+    import shutil
+    shutil.copytree(folder / "weights", tmp_path / "again" / "weights")
+    candidate(["--recipe", "quick", "--minutes", "2", "--folder", str(tmp_path / "again"), "--eval-n", "2",
+               "--reserve-minutes", "0.5", "--device", "cpu", "--resume-weights"])
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["phase"] == "done" and again["config"]["dalle_steps"] == 150
+    assert "dalle" not in again["throughput"]  # no DALLE step was run again
