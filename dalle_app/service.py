@@ -384,8 +384,7 @@ class Service:
                       model: str | None = None, should_stop: Callable[[], bool] | None = None) -> Iterator[Update]:
         """Continue `prompt` (may be empty) `num_completions` times with the model's text head.
 
-        Text completion is short (at most the model's text length): it runs in one turn; should_stop is accepted
-        for symmetry with the image requests."""
+        should_stop is polled between tokens: the texts then end where they are ("completed": false)."""
         count, options, seed = validate_sampling(num_completions, temperature, top_k, 1.0, seed, top_p=top_p,
                                                  name="Number of completions")
         m = self.get_model(model)
@@ -395,7 +394,8 @@ class Service:
 
         def work(emit, stop):
             start = time.perf_counter()
-            return engine_complete_text(m.dalle, [prefix] * count, options, seeds=seeds), time.perf_counter() - start
+            return (engine_complete_text(m.dalle, [prefix] * count, options, seeds=seeds, should_stop=stop),
+                    time.perf_counter() - start)
 
         out = yield from self._turns(work, should_stop)
         if out is None:
@@ -403,7 +403,9 @@ class Service:
         result, seconds = out
         pad = set(range(m.dalle.vocab_text, m.dalle.num_text_tokens))
         texts = [m.tokenizer.decode(row.tolist(), pad_tokens=pad) for row in result.token_ids.cpu()]
-        yield Update(texts=texts, done=True, fraction=1.0, progress_text=f"done in {seconds:.1f} s",
+        done_text = f"done in {seconds:.1f} s" if result.completed else "stopped"
+        yield Update(texts=texts, done=True, fraction=1.0, progress_text=done_text,
                      info={"seeds": list(result.seeds), "seconds": round(seconds, 3), "notes": notes,
-                           "completions": texts, "model": m.reference, "top_p": options.top_p})
+                           "completions": texts, "model": m.reference, "top_p": options.top_p,
+                           "completed": result.completed})
 

@@ -198,6 +198,18 @@ def test_generate_texts_works_on_cpu_with_tokenizer():
     assert torch.equal(a[0], b[0])
 
 
+def test_text_completion_stops_between_tokens_and_keeps_what_it_sampled():
+    dalle = make_dalle(**CONFIGS["mixed"])
+    seeds, polls = list(range(8)), []
+    full = complete_text(dalle, [[1]] * 8, SamplingOptions(), seeds=seeds)
+    part = complete_text(dalle, [[1]] * 8, SamplingOptions(), seeds=seeds,
+                         should_stop=lambda: polls.append(1) or len(polls) >= 2)
+    assert full.completed and not part.completed and len(polls) == 2
+    kept = 1 + 2  # the prefix, then one token per poll
+    assert torch.equal(part.token_ids[:, :kept], full.token_ids[:, :kept])
+    assert (part.token_ids[:, kept:] == 0).all() and (full.token_ids[:, kept:] != 0).any()
+
+
 def test_bad_sampling_options_raise_clear_errors():
     for bad in (dict(temperature=0), dict(temperature=float("nan")), dict(top_k=0), dict(top_p=1.5)):
         with pytest.raises(ValueError):

@@ -122,6 +122,15 @@ def test_complete_text_keeps_prefix_and_seeds(service):
     assert _last(service.complete_text("a red", 1, seed=6)).texts[0] == last.texts[1]
 
 
+def test_a_stopped_text_completion_ends_with_what_it_has(service):
+    full = _last(service.complete_text("a", 2, seed=3))
+    stopped = _last(service.complete_text("a", 2, seed=3, should_stop=lambda: True))  # stops after one token
+    assert full.info["completed"] is True and stopped.info["completed"] is False
+    assert stopped.progress_text == "stopped" and stopped.info["seeds"] == [3, 4]
+    for short, whole in zip(stopped.texts, full.texts):
+        assert short.startswith("a") and whole.startswith(short.rstrip()) and len(short) <= len(whole)
+
+
 def test_read_parameters_refuses_plain_png(tmp_path):
     path = tmp_path / "plain.png"
     Image.new("RGB", (4, 4)).save(path)

@@ -51,8 +51,11 @@ class ImageTokens:
 
 @dataclass
 class TextTokens:
-    token_ids: torch.Tensor  # (rows, text_seq_len), 0 = padding
+    """Result of `complete_text`: (rows, text_seq_len) ids, 0 = padding; complete unless stopped."""
+
+    token_ids: torch.Tensor
     seeds: list[int]
+    completed: bool = True
 
 
 def _seed_tensor(seeds, rows, device):
@@ -213,9 +216,10 @@ def generate_image_tokens(dalle, text: torch.Tensor, options: SamplingOptions | 
 
 
 @torch.no_grad()
-def complete_text(dalle, prefixes: list[list[int]], options: SamplingOptions | None = None, *, seeds=None
-                  ) -> TextTokens:
-    """Continue each token-id prefix up to text_seq_len tokens; a sampled pad id ends that row's text."""
+def complete_text(dalle, prefixes: list[list[int]], options: SamplingOptions | None = None, *, seeds=None,
+                  should_stop: Callable[[], bool] | None = None) -> TextTokens:
+    """Continue each token-id prefix up to text_seq_len tokens; a sampled pad id ends that row's text.
+    should_stop: polled between tokens; the texts then end where they are (completed False)."""
     options = (options or SamplingOptions()).validate()
     was_training = dalle.training
     dalle.eval()
@@ -244,6 +248,9 @@ def complete_text(dalle, prefixes: list[list[int]], options: SamplingOptions | N
         text[:, pos] = torch.where(finished, torch.zeros_like(token), token)
         if bool(finished.all()) or pos == T - 1:
             break
+        if should_stop is not None and should_stop():
+            dalle.train(was_training)
+            return TextTokens(text, seeds, completed=False)
         step_ids = torch.where(text[:, pos] == 0, dalle.vocab_text + pos, text[:, pos])
         hidden = dalle.transformer(dalle.embed_text(step_ids[:, None], pos + 1), cache=cache, start=pos + 1)
     dalle.train(was_training)
