@@ -41,5 +41,17 @@ def test_autograd_and_other_dtypes_use_the_plain_product():
     layer(x).sum().backward()  # training: gradients flow, nothing packed
     assert layer.weight.grad is not None and "_packed_weight" not in layer.__dict__
     with torch.no_grad():
-        half = layer.to(torch.bfloat16)(x.bfloat16())
-    assert half.dtype == torch.bfloat16 and "_packed_weight" not in layer.__dict__
+        half = layer.to(torch.float16)(x.half())
+    assert half.dtype == torch.float16 and "_packed_weight" not in layer.__dict__
+
+
+def test_bfloat16_is_packed_where_the_cpu_has_bf16_instructions_and_matches_f_linear():
+    torch.manual_seed(0)
+    layer = Linear(256, 512).to(torch.bfloat16)
+    x = torch.randn(8, 1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x)
+    packed = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert out.dtype == torch.bfloat16 and ("_packed_weight" in layer.__dict__) == packed
+    # both round to bf16 once at the end, from float32 sums: at most a couple of bf16 steps apart
+    torch.testing.assert_close(out.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=0.02, atol=0.02)

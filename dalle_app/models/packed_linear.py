@@ -1,12 +1,13 @@
-"""Float32 linear layers on the CPU through oneDNN, with the weight prepacked once.
+"""Float32 (and bfloat16) linear layers on the CPU through oneDNN, with the weight prepacked once.
 
 Decoding multiplies a handful of rows by each weight matrix at every token. For such products PyTorch's default CPU
 GEMM is 2-3x slower than oneDNN with a weight laid out for it ahead of time (on a 2-core AMD EPYC, 8 rows by a
 256 -> 2048 weight: 134 us against 58 us; `benchmarks/generate.py --device cpu` shows the whole effect). This is the
 same kernel torch.compile's CPU backend picks with frozen weights, without a compile.
 
-It is used for inference only: with autograd recording, under torch.compile, off the CPU or in other dtypes it is
-plain `F.linear`. The packed copy is kept beside the weight and rebuilt when the weight changes (a new tensor, or an
+It is used for inference only: with autograd recording, under torch.compile, off the CPU or in dtypes other than
+float32 (and bfloat16 where the CPU has native bf16 instructions: 8 rows x the built-in model's 24 layers' weights
+take 0.93 ms against 1.47 ms unpacked) it is plain `F.linear`. The packed copy is kept beside the weight and rebuilt when the weight changes (a new tensor, or an
 in-place update such as an optimizer step or `load_state_dict`, which bumps the tensor's version counter), so a
 stale copy is never used.
 """
@@ -18,10 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 _available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_DTYPES = {torch.float32}
+if _available and torch.ops.mkldnn._is_mkldnn_bf16_supported():  # CPUs with AVX-512 BF16 or AMX
+    _DTYPES.add(torch.bfloat16)
 
 
 def _use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_available and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    return (_available and x.device.type == "cpu" and x.dtype in _DTYPES and weight.dtype == x.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.compiler.is_compiling())
 
