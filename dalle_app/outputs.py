@@ -1,4 +1,5 @@
-"""The service's output folder: the PNGs written for requests, and their retention.
+"""The service's output folder: the PNGs written for requests (with their generation parameters), and their
+retention.
 
 The app writes every image it shows as a PNG. Without a limit they would fill the disk of a long-running server,
 so the folder keeps at most `max_bytes` and `max_files` of them and none older than `max_age_s`, deleting the
@@ -17,6 +18,7 @@ Environment variables (read by `Retention.from_env`; 0 turns a limit off):
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import threading
@@ -27,7 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .service_utils import save_png
+from PIL import Image, PngImagePlugin
+
+from .errors import RequestError
+
+PARAMETERS_KEY = "parameters"
 
 LIMIT_MB_ENV = "DALLE_APP_OUTPUT_LIMIT_MB"
 LIMIT_FILES_ENV = "DALLE_APP_OUTPUT_LIMIT_FILES"
@@ -180,3 +186,36 @@ class OutputFolder:
                 self._bytes -= size
                 removed.append(self.path / name)
         return removed
+
+
+# ----------------------------------------------------------------------------------------------- PNG metadata
+
+def save_png(image: Image.Image, path: Path, parameters: dict) -> str:
+    """Write `image` as PNG with `parameters` (JSON) in a text chunk named "parameters"."""
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text(PARAMETERS_KEY, json.dumps(parameters, sort_keys=True))
+    image.save(path, format="PNG", pnginfo=meta)
+    return str(path)
+
+
+def png_parameters(m, kind: str, prompt: str, seed, settings: dict) -> dict:
+    """The "parameters" chunk of a PNG made by `m` (a LoadedModel): app, kind, model, revision, prompt, seed."""
+    commit = next((f.commit or f.revision for f in m.files if getattr(f, "commit", None) or
+                   getattr(f, "revision", None)), None)
+    return {"app": "dalle_app", "kind": kind, "model": m.reference, "revision": commit, "prompt": prompt,
+            "seed": seed, "settings": settings}
+
+
+def read_parameters(png) -> dict:
+    """The generation parameters stored in a PNG written by this app; RequestError when there are none."""
+    try:
+        image = png if isinstance(png, Image.Image) else Image.open(png)
+        text = (getattr(image, "text", None) or image.info).get(PARAMETERS_KEY)
+    except Exception:  # noqa: BLE001
+        raise RequestError("The file could not be read as an image; choose a PNG written by this app.") from None
+    if not text:
+        raise RequestError("This image carries no generation parameters; choose a PNG written by this app.")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise RequestError("The image's parameters are not valid JSON; choose a PNG written by this app.") from None

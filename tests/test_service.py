@@ -12,7 +12,7 @@ pytest.importorskip("youtokentome")
 
 from dalle_app.manager import ModelManager
 from dalle_app.service import OutOfMemory, RequestError, Service, read_parameters, validate_sampling
-from dalle_app.service_utils import Cancelled, Scheduler
+from dalle_app.service.turns import Cancelled, Scheduler
 
 from app_factory import make_tiny_model
 
@@ -359,7 +359,7 @@ def test_a_request_waiting_for_its_turn_gets_keep_alives_with_its_place(service,
 
 
 def test_in_fresh_thread_returns_result_reraises_and_runs_elsewhere():
-    from dalle_app.service_utils import in_fresh_thread
+    from dalle_app.service.turns import in_fresh_thread
 
     assert in_fresh_thread(lambda a, b=0: a + b, 2, b=3) == 5
     assert in_fresh_thread(threading.get_ident) != threading.get_ident()

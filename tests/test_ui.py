@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dalle_app.service import Update
-from dalle_app.service_utils import save_png
+from dalle_app.outputs import save_png
 from dalle_app.ui import Handlers, build_demo, build_examples, progress_html, top_p_value
 
 
@@ -243,14 +243,14 @@ def test_choosing_a_catalog_model_fills_the_reference_box():
 
 
 def test_download_progress_bars_reach_the_browser_from_the_loading_thread():
-    """Models load on a short-lived thread (service_utils.in_fresh_thread); huggingface_hub's tqdm bars there must
+    """Models load on a short-lived thread (dalle_app.service.turns.in_fresh_thread); huggingface_hub's tqdm bars there must
     still reach Gradio's progress display, which the model panel's Load event asks for (track_tqdm)."""
     import time
 
     from gradio_client import Client
     from tqdm.auto import tqdm
 
-    from dalle_app.service_utils import in_fresh_thread
+    from dalle_app.service.turns import in_fresh_thread
     from reliability_server import free_port
 
     def download():

@@ -22,7 +22,7 @@ def checked_image(**kwargs) -> gr.Image:
     """A gr.Image whose upload check answers in one sentence (Gradio's own wraps PIL's error in a long generic text).
 
     The check is set on the instance: a gr.Image subclass would make Gradio write a .pyi file next to this module."""
-    from ..service_utils import load_image
+    from ..images import load_image
 
     image = gr.Image(**{"image_mode": None, **kwargs})  # Gradio's default "RGB" would clip 16-bit uploads to white
     original = image.preprocess

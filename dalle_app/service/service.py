@@ -1,21 +1,4 @@
-"""What the app and the CLI do, without any UI: validate requests, run the engine fairly, write PNGs with settings.
-
-    service = Service("weights/shapes-dalle")            # the default model; concurrency=1 GPU worker
-    for update in service.text_to_image("a red circle", num_images=4, seed=0, model=None):
-        update.images, update.progress_text, update.fraction, update.tokens_per_s, update.eta_s
-    read_parameters(update.files[0])                     # {"model": ..., "prompt": ..., "seed": ..., "settings": {...}}
-
-Each request is a generator of `Update`s: previews (partial images: rows decoded so far, the rest blank),
-keep-alives (`waiting=True`, no images: keep what is shown) while the request waits for its turn on the model,
-and a final one with `done=True`, the PNG paths and an `info` dict (seeds used, timing, notes).
-
-Every request takes `model=` (a catalog name, Hub reference or local path; None = the default model), so users
-of one app can each use their own model; models come from the manager's LRU cache.
-
-Requests share the model through a `Scheduler`: `concurrency` requests compute at once, each for a short slice
-before the next waiting request gets its turn, so a large request does not starve a small one. Closing a request's
-generator (Gradio does this when the client disconnects or presses Stop) cancels it at the next token.
-"""
+"""The Service: models, the four requests, fair turns (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -30,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .engine import complete_text as engine_complete_text, generate_image_tokens, generate_in_chunks
-from .outputs import OutputFolder, Retention
-from .service_utils import (MAX_IMAGES, Cancelled, RequestError, Scheduler, Update, _eta_text, in_fresh_thread,
-                            keep_mask, load_image, png_parameters, psnr, read_parameters, resolve_seeds,
-                            run_in_thread, to_pil, token_grid_picture, validate_sampling)
-
-__all__ = ["MAX_IMAGES", "OutOfMemory", "RequestError", "Service", "Update", "read_parameters", "validate_sampling"]
+from ..engine import complete_text as engine_complete_text, generate_image_tokens, generate_in_chunks
+from ..errors import RequestError
+from ..images import load_image, psnr, to_pil, token_grid_picture
+from ..outputs import OutputFolder, Retention, png_parameters
+from .requests import MAX_IMAGES, Update, eta_text, keep_mask, resolve_seeds, validate_sampling
+from .turns import Cancelled, Scheduler, in_fresh_thread, run_in_thread
 
 NOT_STARTED = "stopped before it started"  # a request stopped before it computed anything (queue or turn)
 
@@ -60,7 +42,7 @@ class Service:
                  device=None, dtype=None, concurrency: int = 1, max_active: int | None = None,
                  slice_s: float = 0.1, heartbeat_s: float = 0.25, compile_step: bool = False,
                  retention: Retention | bool | None = None):
-        from .manager import BUILTIN_MODEL_DIR, ModelManager
+        from ..manager import BUILTIN_MODEL_DIR, ModelManager
 
         self.manager = manager or ModelManager(device=device, dtype=dtype)
         if retention is None or retention is True:
@@ -92,7 +74,7 @@ class Service:
         a visitor's reference (`ModelManager.load(visitor=True)`: DALLE_APP_HUB / DALLE_APP_ALLOWED_REPOS apply)."""
         if reference is None or not str(reference).strip():
             return self.model
-        from .manager import Catalog
+        from ..manager import Catalog
 
         reference = Catalog().get(str(reference).strip())
         with self._lock:
@@ -112,7 +94,7 @@ class Service:
         """Make `reference` the model used by requests that name none; returns its info card."""
         if not reference or not str(reference).strip():
             raise RequestError("No model was given; choose a catalog model or enter a Hub reference or local path.")
-        from .manager import Catalog
+        from ..manager import Catalog
 
         reference = Catalog().get(str(reference).strip())
         model = in_fresh_thread(self.manager.load, reference)
@@ -237,7 +219,7 @@ class Service:
                     rate = p.tokens_per_second
                     left = ((n - lo - rows) * total / max(rows, 1) + (total - p.done)) / rate if rate > 0 else None
                     emit(Update(images=shown, fraction=(lo * total + rows * p.done) / (n * total),
-                                progress_text=_eta_text(p.done, p.total, p.elapsed), tokens_per_s=round(rate, 1),
+                                progress_text=eta_text(p.done, p.total, p.elapsed), tokens_per_s=round(rate, 1),
                                 eta_s=round(left, 1) if left is not None else None))
 
                 result = generate_image_tokens(dalle, text_rows, opts, seeds=seeds, progress=report,
