@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -55,9 +56,24 @@ def watch_progress(page, selector: str):
                   selector)
 
 
+def fill(box, value, settle_s: float = 0.3, tries: int = 5) -> None:
+    """Type `value` into the text box `box` (a locator) and make sure it stays there, as a person would.
+
+    Gradio mounts the components of a closed accordion or an unselected tab when it opens, and in the first moments
+    of a cold page their initial value can replace what was just typed (seen: the model reference box showed the
+    default path again and Load loaded the default model)."""
+    value = str(value)
+    for _ in range(tries):
+        box.fill(value)
+        time.sleep(settle_s)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"the box kept losing what was typed: {value!r} became {box.input_value()!r}")
+
+
 def set_slider(page, elem_id: str, value: float):
     """Type `value` into the number box of the slider with `elem_id`."""
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
+    fill(box, value)
     box.press("Enter")
 

@@ -18,7 +18,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from dalle_app.service import read_parameters
 
 from app_factory import make_tiny_model
-from browser_helpers import (browser, gallery_parameters, open_page, set_slider, wait_images,  # noqa: F401
+from browser_helpers import (browser, fill, gallery_parameters, open_page, set_slider, wait_images,  # noqa: F401
                              watch_progress)
 from reliability_server import start_app, stop_app
 
@@ -84,9 +84,9 @@ def test_browser_text_to_image_tab(server, browser):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(url)
     prompt = page.get_by_label("Prompt", exact=True)
-    prompt.fill("a green triangle on a white background")
+    fill(prompt, "a green triangle on a white background")
     seed = page.get_by_label("Seed (-1 = random)").first
-    seed.fill("21")
+    fill(seed, "21")
     prompt.press("Enter")  # Enter submits
     page.locator("#info").get_by_text('"seeds"').wait_for(timeout=30000)
     page.wait_for_function("() => document.querySelectorAll('#gallery img').length >= 4", timeout=30000)
@@ -148,8 +148,8 @@ def test_browser_example_click_with_top_p_shows_progress_and_sends_to_priming(se
 
 
 def _generate(page, seed: int) -> dict:
-    page.get_by_label("Prompt", exact=True).fill("a red circle")
-    page.get_by_label("Seed (-1 = random)").first.fill(str(seed))
+    fill(page.get_by_label("Prompt", exact=True), "a red circle")
+    fill(page.get_by_label("Seed (-1 = random)").first, str(seed))
     page.locator("#generate").click()
     image = page.locator(f"#gallery img[src*='-seed{seed}.png']").first
     image.wait_for(timeout=30000)
@@ -164,11 +164,11 @@ def test_two_browser_sessions_each_keep_their_own_model(server, browser):
     for page in (page_a, page_b):
         page.goto(url)
     page_a.locator("#model-panel").get_by_text("Model", exact=True).first.click()  # open the accordion
-    page_a.get_by_label("Hub reference or local path").fill(str(other))
+    fill(page_a.get_by_label("Hub reference or local path"), str(other))
     page_a.locator("#load-model").click()
     try:
         page_a.locator("#model-summary").get_by_text(str(other)).first.wait_for(timeout=60000)
-    except Exception:  # say what the page shows instead (this wait failed twice in full runs, never alone)
+    except Exception:  # say what the page shows instead
         box = page_a.get_by_label("Hub reference or local path").input_value()
         pytest.fail(f"the model summary never named {other}; reference box: {box!r}; summary: "
                     f"{page_a.locator('#model-summary').inner_text()[:300]!r}; page text: "
@@ -203,8 +203,8 @@ def test_cli_generate_writes_the_same_pngs(server, tmp_path):
 
 def test_browser_clip_rerank_keeps_the_best_m_with_their_scores(server, browser):
     page = open_page(browser, server[0])
-    page.get_by_label("Prompt", exact=True).fill("a red circle on a blue background")
-    page.get_by_label("Seed (-1 = random)").first.fill("5")
+    fill(page.get_by_label("Prompt", exact=True), "a red circle on a blue background")
+    fill(page.get_by_label("Seed (-1 = random)").first, "5")
     set_slider(page, "t2i-n", 3)
     page.locator("#t2i-rerank input[type=checkbox]").check()
     set_slider(page, "t2i-keep", 2)
@@ -248,13 +248,13 @@ def test_browser_primes_an_uploaded_image_keeping_rows_and_a_box(server, browser
     page.get_by_role("tab", name="Image priming").click()
     page.locator("#prime-input input[type=file]").set_input_files(str(upload))
     page.locator("#prime-input img").wait_for(timeout=10000)
-    page.locator("#prime-prompt textarea").fill("a blue square")
+    fill(page.locator("#prime-prompt textarea"), "a blue square")
     set_slider(page, "prime-keep-rows", 2)
     page.locator("#prime-use-box input[type=checkbox]").check()
     for name, value in (("left", 0.5), ("top", 0.5), ("right", 1), ("bottom", 1)):
-        page.locator(f"#prime-box-{name} input").fill(str(value))
+        fill(page.locator(f"#prime-box-{name} input"), str(value))
     set_slider(page, "prime-n", 2)
-    page.locator("#prime-seed input").fill("8")
+    fill(page.locator("#prime-seed input"), "8")
     page.locator("#prime-run").click()
     page.locator("#prime-kept img").wait_for(timeout=30000)
     wait_images(page, "#prime-gallery", 2, "#prime-info")
@@ -274,7 +274,7 @@ def test_browser_primes_an_uploaded_image_keeping_rows_and_a_box(server, browser
 def test_browser_errors_are_one_sentence_and_the_page_keeps_working(server, browser, tmp_path):
     url, root = server
     page = open_page(browser, url)
-    page.get_by_label("Prompt", exact=True).fill("   ")
+    fill(page.get_by_label("Prompt", exact=True), "   ")
     page.locator("#generate").click()
     shown = page.get_by_text(re.compile(r"prompt", re.I)).filter(has_text=re.compile(r"empty|give|write", re.I))
     shown.first.wait_for(timeout=30000)
@@ -285,7 +285,7 @@ def test_browser_errors_are_one_sentence_and_the_page_keeps_working(server, brow
                                 (root / "notes.pt", "is not a PyTorch checkpoint")):
         if reference.name == "notes.pt":
             reference.write_text("not a checkpoint")
-        box.fill(str(reference))
+        fill(box, str(reference))
         page.locator("#load-model").click()
         message = page.locator("#model-status").get_by_text(sentence).first  # beside the button, not a toast
         message.wait_for(timeout=30000)

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("youtokentome")
 gradio_client = pytest.importorskip("gradio_client")
 
-from browser_helpers import browser, open_page, wait_images  # noqa: F401
+from browser_helpers import browser, fill, open_page, wait_images  # noqa: F401
 from reliability_server import start_app, stop_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_the_page_loads_nothing_from_elsewhere_and_the_app_stays_offline(guarded
     page = browser.new_page()
     page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else elsewhere.append(r.url))
     page.goto(url)
-    page.get_by_label("Prompt", exact=True).fill("a blue square")
+    fill(page.get_by_label("Prompt", exact=True), "a blue square")
     page.locator("#generate").click()
     wait_images(page, "#gallery", 4, "#info")
     page.close()

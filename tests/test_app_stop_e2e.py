@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("youtokentome")
 
-from browser_helpers import browser, gallery_parameters, open_page, set_slider  # noqa: F401
+from browser_helpers import browser, fill, gallery_parameters, open_page, set_slider  # noqa: F401
 from reliability_server import start_app, stop_app
 
 STEP_DELAY = 0.03  # seconds per image per decoding step: a request of the tiny model takes about 2 s per image
@@ -35,7 +35,7 @@ def _steps_by_rows(steps) -> dict[int, int]:
 
 
 def _ready(page, prompt: str, images: int):
-    page.get_by_label("Prompt", exact=True).fill(prompt)
+    fill(page.get_by_label("Prompt", exact=True), prompt)
     set_slider(page, "t2i-n", images)
 
 
@@ -88,7 +88,7 @@ def test_browser_stop_while_queued_ends_the_request_without_computing(slow_serve
     pages[0].locator("#stop").click()
     pages[0].locator("#progress").get_by_text("stopped").wait_for(timeout=10000)
     set_slider(pages[1], "t2i-n", 1)
-    pages[1].get_by_label("Seed (-1 = random)").first.fill("77")
+    fill(pages[1].get_by_label("Seed (-1 = random)").first, "77")
     pages[1].locator("#generate").click()  # Stop is not sticky: the next Generate runs to the end
     pages[1].locator("#gallery img[src*='-seed77.png']").wait_for(timeout=30000)
     pages[1].locator("#progress").get_by_text("done").wait_for(timeout=10000)
