@@ -10,6 +10,19 @@ from dalle_app.models.packed_linear import Linear
 pytestmark = pytest.mark.skipif(not pl._available, reason="this torch build has no oneDNN linear")
 
 
+@pytest.fixture(autouse=True)
+def float32_packed(monkeypatch):
+    """The packed path for float32 whatever this CPU's default (packed_dtypes picks by vendor)."""
+    monkeypatch.setattr(pl, "_DTYPES", pl._DTYPES | {torch.float32})
+
+
+def test_the_float32_choice_follows_the_environment_variable(monkeypatch):
+    monkeypatch.setenv(pl.CHOICE_ENV, "packed")
+    assert torch.float32 in pl.packed_dtypes()
+    monkeypatch.setenv(pl.CHOICE_ENV, "plain")
+    assert torch.float32 not in pl.packed_dtypes()
+
+
 def test_packed_linear_matches_f_linear_for_every_batch_shape():
     torch.manual_seed(0)
     layer = Linear(64, 96)
