@@ -236,6 +236,7 @@ def complete_text(dalle, prefixes: list[list[int]], options: SamplingOptions | N
     prepared = dalle.prepare_text(text)  # (rows, T+1) with bos
     cache = dalle.new_cache(rows)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    completed = True
     top_k = options.effective_top_k(dalle.num_text_tokens, dalle.total_tokens)
     hidden = dalle.transformer(dalle.embed_text(prepared[:, :start + 1]), cache=cache, start=0)
     for pos in range(start, T):  # hidden at position pos predicts text token pos (0-based)
@@ -249,9 +250,9 @@ def complete_text(dalle, prefixes: list[list[int]], options: SamplingOptions | N
         if bool(finished.all()) or pos == T - 1:
             break
         if should_stop is not None and should_stop():
-            dalle.train(was_training)
-            return TextTokens(text, seeds, completed=False)
+            completed = False
+            break
         step_ids = torch.where(text[:, pos] == 0, dalle.vocab_text + pos, text[:, pos])
         hidden = dalle.transformer(dalle.embed_text(step_ids[:, None], pos + 1), cache=cache, start=pos + 1)
     dalle.train(was_training)
-    return TextTokens(text, seeds)
+    return TextTokens(text, seeds, completed)

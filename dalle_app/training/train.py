@@ -89,6 +89,12 @@ class Trainer:
     def save(self) -> None:
         save_state(self._tree(), self.state_dir, self.shard_mib)
 
+    def _checkpoint(self, on_save: Callable[[], None] | None) -> None:
+        """save(), then the caller's on_save hook (see `run`)."""
+        self.save()
+        if on_save is not None:
+            on_save()
+
     def restart_clip(self) -> None:
         """Re-initialise CLIP and its optimizer; it trains again (alone, if DALLE is done)."""
         torch.manual_seed(self.cfg.seed + 1)
@@ -288,9 +294,7 @@ class Trainer:
                 if now - last_save > save_every:
                     self.seconds += now - t0
                     t0 = last_save = now
-                    self.save()
-                    if on_save is not None:
-                        on_save()
+                    self._checkpoint(on_save)
                 t_fetch = time.time()
             bar.close()
             self.seconds += time.time() - t0
@@ -301,18 +305,14 @@ class Trainer:
                 print(f"{self.phase}: {ran} steps at {ran / spent:.1f} steps/s, waiting for data "
                       f"{100 * waited / spent:.0f}% of the time")
             if out_of_time:
-                self.save()
-                if on_save is not None:
-                    on_save()
+                self._checkpoint(on_save)
                 return False
             if self.phase == "dalle":
                 self.cfg.dalle_budget_minutes = 0.0  # ended before the fit: the recipe's steps were taken
             self.phase, self.step = ("dalle", 0) if self.phase == "vae" else ("done", 0)
             if self.phase == "done" and self.clip is not None and self.clip_step < self.cfg.clip_steps:
                 self.phase, self.step = "clip", self.clip_step  # CLIP was restarted: finish it alone
-            self.save()
-            if on_save is not None:
-                on_save()
+            self._checkpoint(on_save)
         return self.phase == "done"
 
     def plot(self, path) -> None:

@@ -17,14 +17,19 @@ from ..service import NOT_STARTED, RequestError, read_parameters
 from .runs import Runs
 
 
-def error(exc: Exception) -> gr.Error:
-    """A one-sentence gr.Error (never a traceback)."""
+def error_sentence(exc: Exception) -> str:
+    """The one sentence a visitor sees for `exc` (never a traceback)."""
     from ..manager import ModelLoadError
 
     message = str(exc).strip()
     if isinstance(exc, (RequestError, ModelLoadError, ValueError, FileNotFoundError)):
-        return gr.Error(message.splitlines()[0] if message else type(exc).__name__)
-    return gr.Error(f"The request failed ({type(exc).__name__}: {message.splitlines()[0] if message else ''}).")
+        return message.splitlines()[0] if message else type(exc).__name__
+    return f"The request failed ({type(exc).__name__}: {message.splitlines()[0] if message else ''})."
+
+
+def error(exc: Exception) -> gr.Error:
+    """A one-sentence gr.Error (never a traceback)."""
+    return gr.Error(error_sentence(exc))
 
 
 def top_p_value(top_p) -> float | None:
@@ -284,9 +289,9 @@ class Handlers:
                 raise RequestError("No model was given; choose a catalog model or enter a Hub reference or local path.")
             card = self.service.load(ref)
         except Exception as exc:  # noqa: BLE001
-            sentence = error(exc).message
-            return (f'<div class="model-error" style="color:#b91c1c">Not loaded: {html.escape(sentence)}</div>',
-                    gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+            sentence = html.escape(error_sentence(exc))
+            status = f'<div class="model-error" style="color:#b91c1c">Not loaded: {sentence}</div>'
+            return (status, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
         side = (card.get("image") or {}).get("fmap_size") or 16
         rerank = gr.Checkbox(interactive=True) if card.get("clip") else gr.Checkbox(interactive=False, value=False)
         return (f"Loaded `{ref}` for your requests.", card_markdown(card), card, ref, rerank,
