@@ -239,6 +239,23 @@ def test_browser_reads_the_parameters_of_an_app_png_back_into_the_controls(serve
     page.close()
 
 
+def test_browser_reads_a_priming_png_back_into_the_priming_tab(server, client, browser):
+    files, _ = client.predict("a red circle", 1, 1.0, 16, 1.0, 3, api_name="/text_to_image")
+    files, _ = client.predict(gradio_client.handle_file(_paths(files)[0]), "a green heart", 3, 2, 0.9, 8, 1.5, 21,
+                              api_name="/prime_image")
+    primed = _paths(files)[-1]
+    page = open_page(browser, server[0])
+    page.get_by_text("Read parameters from a PNG").click()
+    page.locator("#png-file input[type=file]").set_input_files(primed)
+    page.locator("#prime-input img").wait_for(timeout=30000)  # the PNG itself becomes the image to prime
+    prompt = page.locator("#prime-prompt textarea")
+    page.wait_for_function("(el) => el.value === 'a green heart'", arg=prompt.element_handle(), timeout=10000)
+    assert page.locator("#prime-keep-rows input[type=number]").input_value() == "3"
+    assert page.locator("#prime-seed input").input_value() == str(read_parameters(primed)["seed"])
+    assert float(page.get_by_label("number input for Temperature").nth(1).input_value()) == pytest.approx(0.9)
+    page.close()
+
+
 def test_browser_primes_an_uploaded_image_keeping_rows_and_a_box(server, browser, tmp_path):
     from PIL import Image
 

@@ -389,3 +389,23 @@ def test_a_stop_while_waiting_for_a_turn_ends_the_request_without_computing(serv
         time.sleep(0.01)
     assert 3 not in slow_steps  # the stopped request never ran a step
     assert _last(fair.text_to_image("a red circle", 3, seed=5)).info["seeds"] == [5, 6, 7]  # the next one works
+
+
+def test_a_priming_png_restores_the_priming_controls(service):
+    """"Read parameters" on a priming PNG fills the priming tab (rows, box, sampling, seed, the image itself) and
+    switches to it; a text-to-image PNG fills the text-to-image controls and leaves the priming ones alone."""
+    import gradio as gr
+
+    from dalle_app.ui import Handlers
+
+    source = _last(service.text_to_image("a red circle", 1, seed=0, cond_scale=2.0)).files[0]
+    primed = _last(service.prime_image(source, "a blue star", keep_rows=3, num_images=2, temperature=0.8, top_k=16,
+                                       cond_scale=1.5, seed=7, box=(0.25, 0.5, 1.0, 1.0))).files[1]
+    values = Handlers.restore(primed)
+    t2i, params, prime, tab = values[:7], values[7], values[8:22], values[22]
+    assert all(isinstance(v, type(gr.skip())) for v in t2i) and params["kind"] == "prime_image"
+    assert prime == (primed, "a blue star", 3, True, 0.25, 0.5, 1.0, 1.0, 2, 0.8, 16, 1.0, 1.5, 8)
+    assert tab.selected == "prime"
+    values = Handlers.restore(source)
+    assert values[:7] == ("a red circle", 1, 1.0, 64, 1.0, 2.0, 0) and values[7]["kind"] == "text_to_image"
+    assert all(isinstance(v, type(gr.skip())) for v in values[8:])

@@ -321,11 +321,23 @@ class Handlers:
 
     @staticmethod
     def restore(file):
-        """Read a PNG's parameters back into the text-to-image controls (prompt, ..., seed) and show them."""
+        """Read a PNG's parameters back into the controls of the tab that made it, and show them.
+
+        Returns the text-to-image values (prompt, n, temperature, top_k, top_p, cond_scale, seed), the parameters,
+        the priming values (image, prompt, keep_rows, use_box, left, top, right, bottom, n, temperature, top_k,
+        top_p, cond_scale, seed) and the selected tab; the other tab's values are gr.skip(). A priming PNG becomes
+        the priming input itself: its kept part is the original's as the VAE drew it."""
         try:
             p = read_parameters(file)
         except Exception as exc:  # noqa: BLE001
             raise error(exc) from None
         s = p.get("settings", {})
-        return (p.get("prompt", ""), s.get("num_images", 4), s.get("temperature", 1.0), s.get("top_k") or 0,
-                s.get("top_p") or 1.0, s.get("cond_scale", 1.0), p.get("seed", -1), p)
+        sampling = (s.get("num_images", 4), s.get("temperature", 1.0), s.get("top_k") or 0, s.get("top_p") or 1.0,
+                    s.get("cond_scale", 1.0), p.get("seed", -1))
+        if p.get("kind") != "prime_image":
+            return (p.get("prompt", ""), *sampling, p, *[gr.skip()] * 14, gr.skip())
+        box = s.get("box")
+        box_values = tuple(box) if box and len(box) == 4 else (gr.skip(),) * 4
+        path = file if isinstance(file, str) else getattr(file, "name", file)
+        return (*[gr.skip()] * 7, p, path, p.get("prompt", ""), s.get("keep_rows", 0), bool(box), *box_values,
+                *sampling, gr.Tabs(selected="prime"))
