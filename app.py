@@ -9,7 +9,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # flags whose default is a whole number from an environment variable: dest -> (variable, default, minimum, maximum)
 ENV_NUMBERS = {"port": ("GRADIO_SERVER_PORT", 7860, 1, 65535), "queue_size": ("DALLE_APP_QUEUE_SIZE", 32, 1, None),
-               "concurrency": ("DALLE_APP_CONCURRENCY", 1, 1, None), "max_active": ("DALLE_APP_MAX_ACTIVE", 0, 0, None)}
+               "concurrency": ("DALLE_APP_CONCURRENCY", 1, 1, None), "max_active": ("DALLE_APP_MAX_ACTIVE", 0, 0, None),
+               "cache_minutes": ("DALLE_APP_CACHE_MINUTES", 60, 1, None)}
 
 
 def _limits(minimum: int, maximum: int | None) -> str:
@@ -61,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-active", type=_number(1),
                         help="requests interleaved fairly on the model at once, each taking turns of a fraction of "
                              "a second (default: 4 per worker; env DALLE_APP_MAX_ACTIVE, 0 = the default)")
+    parser.add_argument("--cache-minutes", type=_number(1),
+                        help="how long the images Gradio serves (previews and galleries, copied to its cache) are "
+                             "kept before they are deleted (default 60; env DALLE_APP_CACHE_MINUTES); the PNGs with "
+                             "parameters in the output folder follow their own retention")
     parser.add_argument("--compile", action="store_true", default=env("DALLE_APP_COMPILE", "") not in ("", "0"),
                         help="fuse the decoding step with torch.compile: faster on CUDA (about 1.6x), but the first "
                              "request of each batch size compiles for a while (env DALLE_APP_COMPILE=1)")
@@ -93,7 +98,7 @@ def main() -> None:
         raise SystemExit(f"error: {exc}") from None
     # Gradio lets the service's max_active requests through at once; the service's scheduler gives them fair turns
     # on its `concurrency` workers, and the rest wait in Gradio's queue (their position is shown).
-    demo = build_demo(service)
+    demo = build_demo(service, cache_seconds=60 * args.cache_minutes)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=service.max_active)
     try:
         demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(service.output_dir)],

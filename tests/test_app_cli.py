@@ -22,11 +22,12 @@ def test_help_lists_the_flags_and_the_environment_variables():
     out = _app("--help")
     assert out.returncode == 0 and out.stderr == ""
     for flag in ("--model", "--device", "--dtype", "--host", "--port", "--queue-size", "--concurrency",
-                 "--max-active", "--compile"):
+                 "--max-active", "--cache-minutes", "--compile"):
         assert flag in out.stdout
     text = " ".join(out.stdout.split())  # argparse wraps the help text
     for name in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "DALLE_APP_MODEL", "DALLE_APP_DEVICE", "DALLE_APP_DTYPE",
                  "DALLE_APP_QUEUE_SIZE", "DALLE_APP_CONCURRENCY", "DALLE_APP_MAX_ACTIVE", "DALLE_APP_COMPILE",
+                 "DALLE_APP_CACHE_MINUTES",
                  "HF_HUB_OFFLINE", "DALLE_APP_MODEL_DIRS"):
         assert name in text, name
 
@@ -37,6 +38,7 @@ def test_help_lists_the_flags_and_the_environment_variables():
     ("DALLE_APP_QUEUE_SIZE", "-3", "DALLE_APP_QUEUE_SIZE must be a whole number of at least 1, got '-3'."),
     ("DALLE_APP_CONCURRENCY", "1.5", "DALLE_APP_CONCURRENCY must be a whole number of at least 1, got '1.5'."),
     ("DALLE_APP_MAX_ACTIVE", "many", "DALLE_APP_MAX_ACTIVE must be a whole number of at least 0, got 'many'."),
+    ("DALLE_APP_CACHE_MINUTES", "0", "DALLE_APP_CACHE_MINUTES must be a whole number of at least 1, got '0'."),
 ])
 def test_a_bad_number_in_the_environment_is_one_sentence_and_exit_status_2(name, value, expected):
     out = _app(env={name: value})
@@ -67,3 +69,16 @@ def test_a_flag_wins_over_a_bad_environment_variable_and_a_taken_port_is_one_sen
     last = out.stderr.strip().splitlines()[-1]
     assert last == f"error: port {port} on 127.0.0.1 is in use; choose another with --port or GRADIO_SERVER_PORT.", \
         out.stderr[-2000:]
+
+
+def test_cache_minutes_come_from_the_flag_or_the_environment(monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from app import parse_args
+
+    # parse_args writes Gradio's two variables: setenv first, so that monkeypatch puts back what was there
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7860")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "127.0.0.1")
+    monkeypatch.delenv("DALLE_APP_CACHE_MINUTES", raising=False)
+    assert parse_args([]).cache_minutes == 60
+    monkeypatch.setenv("DALLE_APP_CACHE_MINUTES", "7")
+    assert parse_args([]).cache_minutes == 7 and parse_args(["--cache-minutes", "5"]).cache_minutes == 5

@@ -59,13 +59,16 @@ def _sampling(prefix: str, n_label: str = "Number of images", guidance: bool = T
     return c
 
 
-def build_demo(service, *, concurrency: int | None = None, examples_dir: str | Path | None = None) -> gr.Blocks:
+def build_demo(service, *, concurrency: int | None = None, examples_dir: str | Path | None = None,
+               cache_seconds: int = 3600) -> gr.Blocks:
     """The app's Blocks; call `.queue(...)` and `.launch(...)` on it.
 
     `concurrency` is how many model requests Gradio passes to the service at once; by default the service's
     `max_active`, so its scheduler can interleave them fairly (it bounds the GPU workers itself) while later
     requests wait in Gradio's queue with their position shown. Example pictures are rendered into `examples_dir`
-    (default: under the service's output folder)."""
+    (default: under the service's output folder). Gradio copies every image it serves, each live preview too, into
+    its cache and remembers the path: `cache_seconds` is how long those copies are kept (checked as often), so a
+    long-running demo's disk and memory stay bounded."""
     concurrency = int(concurrency or getattr(service, "max_active", 1))
     h = Handlers(service)
     default_ref = service.default_reference
@@ -99,7 +102,8 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
             lambda: service.complete_text(prompt, num_completions, temperature, top_k, seed),
             _final(lambda u: ("\n".join(u.texts), u.info)))
 
-    with gr.Blocks(title="dalle_app", analytics_enabled=False) as demo:
+    with gr.Blocks(title="dalle_app", analytics_enabled=False,
+                   delete_cache=(min(600, cache_seconds), cache_seconds)) as demo:
         gr.Markdown("# dalle_app\nDALLE-pytorch models: text to image, priming, VAE reconstruction, text completion.")
         model = gr.State(None)  # this session's model reference; None = the app's default model
         last_seed = gr.State(-1)
