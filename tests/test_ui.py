@@ -280,6 +280,6 @@ def test_download_progress_bars_reach_the_browser_from_the_loading_thread():
 
 def test_the_images_gradio_serves_are_deleted_after_the_cache_time(service):
     """Gradio copies every served image (each live preview too) into its cache and remembers the path; without
-    delete_cache a long-running demo's disk and memory grow with every request."""
+    delete_cache a long-running demo's disk (and that record) grows with every request."""
     assert build_demo(service, cache_seconds=300).delete_cache == (300, 300)
     assert build_demo(service).delete_cache == (600, 3600)  # an hour, checked every ten minutes

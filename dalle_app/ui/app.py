@@ -68,7 +68,7 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
     requests wait in Gradio's queue with their position shown. Example pictures are rendered into `examples_dir`
     (default: under the service's output folder). Gradio copies every image it serves, each live preview too, into
     its cache and remembers the path: `cache_seconds` is how long those copies are kept (checked as often), so a
-    long-running demo's disk and memory stay bounded."""
+    long-running demo's disk, and Gradio's record of those paths, stay bounded."""
     concurrency = int(concurrency or getattr(service, "max_active", 1))
     h = Handlers(service)
     default_ref = service.default_reference

@@ -335,7 +335,7 @@ class Handlers:
         sampling = (s.get("num_images", 4), s.get("temperature", 1.0), s.get("top_k") or 0, s.get("top_p") or 1.0,
                     s.get("cond_scale", 1.0), p.get("seed", -1))
         if p.get("kind") != "prime_image":
-            return (p.get("prompt", ""), *sampling, p, *[gr.skip()] * 14, gr.skip())
+            return (p.get("prompt", ""), *sampling, p, *[gr.skip()] * 15)  # priming values and tab untouched
         box = s.get("box")
         box_values = tuple(box) if box and len(box) == 4 else (gr.skip(),) * 4
         path = file if isinstance(file, str) else getattr(file, "name", file)
