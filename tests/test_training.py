@@ -92,15 +92,20 @@ def test_vae_usage_term_is_log_codebook_minus_entropy_of_the_mean_code_distribut
     assert float(collapsed.detach()) > expected
 
 
-def test_dalle_steps_are_fitted_to_the_time_budget_and_the_recipe_then_names_them(tmp_path):
-    trainer = Trainer(quick_config(), tmp_path / "state", torch.device("cpu"), overrides=["dalle_steps=10000"])
+def test_phase_steps_are_fitted_to_the_time_budget_and_the_recipe_then_names_them(tmp_path):
+    trainer = Trainer(quick_config(), tmp_path / "state", torch.device("cpu"),
+                      overrides=["dalle_steps=10000", "vae_steps=10000"])
     trainer.phase, trainer.step = "dalle", 120
     trainer.cfg.dalle_budget_minutes = 1.0
-    trainer._fit_dalle_steps(rate=10.0, seconds_spent=20.0)  # 40 s left at 10 steps/s
+    trainer._fit_steps(rate=10.0, seconds_spent=20.0)  # 40 s left at 10 steps/s
     assert trainer.cfg.dalle_steps == 520 and trainer.cfg.dalle_budget_minutes == 0
     trainer.cfg.dalle_budget_minutes = 60.0
-    trainer._fit_dalle_steps(rate=10.0, seconds_spent=20.0)  # the recipe's steps stay the ceiling
+    trainer._fit_steps(rate=10.0, seconds_spent=20.0)  # the recipe's steps stay the ceiling
     assert trainer.cfg.dalle_steps == 520
+    trainer.phase = "vae"  # the VAE phase has its own budget and leaves the DALLE's alone
+    trainer.cfg.vae_budget_minutes = 2.0
+    trainer._fit_steps(rate=5.0, seconds_spent=0.0)
+    assert trainer.cfg.vae_steps == 720 and trainer.cfg.vae_budget_minutes == 0 and trainer.cfg.dalle_steps == 520
 
 
 def test_candidate_run_trains_exports_evaluates_and_packs_parts_that_unpack_to_a_loadable_model(tmp_path, monkeypatch):
@@ -139,3 +144,19 @@ def test_candidate_run_trains_exports_evaluates_and_packs_parts_that_unpack_to_a
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert again["phase"] == "done" and again["config"]["dalle_steps"] == 150
     assert "dalle" not in again["throughput"]  # no DALLE step was run again
+
+
+def test_vae_sweep_picks_the_best_shape_bound_among_variants_that_keep_the_object_count():
+    from dalle_app.training.vae_sweep import overrides_of, pick_best
+
+    results = {
+        "ghosts": {"psnr": 27.0, "bound": {"shape": 0.95, "both": 0.9, "count": 0.6}},  # best shapes, extra blobs
+        "sharp": {"psnr": 28.0, "bound": {"shape": 0.85, "both": 0.7, "count": 0.97}},
+        "soft": {"psnr": 29.0, "bound": {"shape": 0.75, "both": 0.6, "count": 0.99}},
+        "crashed": {"returncode": 1},
+    }
+    assert pick_best(results) == "sharp"
+    del results["sharp"], results["soft"]
+    assert pick_best(results) == "ghosts"  # nothing keeps the count: fall back to the best PSNR
+    assert pick_best({"crashed": {"returncode": 1}}) is None
+    assert overrides_of({"vae_batch": 128, "vae": {"hidden_dim": 192}}) == ['vae_batch=128', 'vae={"hidden_dim": 192}']

@@ -25,6 +25,8 @@ class TrainConfig:
     vae_temp_end: float = 1 / 16
     vae_hard_from: float = 0.7  # fraction of VAE steps after which sampling is straight-through (hard)
     vae_kl_weight: float = 0.0
+    # > 0: size vae_steps to this many minutes, like dalle_budget_minutes below
+    vae_budget_minutes: float = 0.0
     # this project's codebook-usage term (DiscreteVAE.forward usage_weight); 0 in v1, whose VAE uses ~30 of 512 codes
     vae_usage_weight: float = 0.0
     # phase 2: DALLE (+ phase 3: CLIP, trained on the same batches)

@@ -242,14 +242,16 @@ class Trainer:
         return out
 
     # -- driver --------------------------------------------------------------------------------------------------
-    def _fit_dalle_steps(self, rate: float, seconds_spent: float) -> None:
-        """Fix dalle_steps from the measured speed (steps/s) so that the phase fits cfg.dalle_budget_minutes (never
-        more steps than the recipe's); the learning-rate schedule follows, since the warm-up is not over yet."""
-        cfg = self.cfg
-        fitted = int(self.step + rate * max(0.0, cfg.dalle_budget_minutes * 60 - seconds_spent))
-        print(f"dalle: {rate:.1f} steps/s; {cfg.dalle_budget_minutes:g} min allow {fitted} steps "
-              f"(recipe: at most {cfg.dalle_steps})")
-        cfg.dalle_steps, cfg.dalle_budget_minutes = max(self.step + 1, min(cfg.dalle_steps, fitted)), 0.0
+    def _fit_steps(self, rate: float, seconds_spent: float) -> None:
+        """Fix the current phase's step count (vae_steps or dalle_steps) from the measured speed (steps/s) so that
+        the phase fits its budget (`vae_budget_minutes` / `dalle_budget_minutes`), never more steps than the
+        recipe's; the learning-rate (and Gumbel temperature) schedules follow, since they are barely started."""
+        cfg, phase = self.cfg, self.phase
+        budget, recipe_steps = getattr(cfg, f"{phase}_budget_minutes"), getattr(cfg, f"{phase}_steps")
+        fitted = int(self.step + rate * max(0.0, budget * 60 - seconds_spent))
+        print(f"{phase}: {rate:.1f} steps/s; {budget:g} min allow {fitted} steps (recipe: at most {recipe_steps})")
+        setattr(cfg, f"{phase}_steps", max(self.step + 1, min(recipe_steps, fitted)))
+        setattr(cfg, f"{phase}_budget_minutes", 0.0)
 
     def run(self, seconds: float, save_every: float = 120.0, stop_at_phase: str | None = None,
             on_save: Callable[[], None] | None = None) -> bool:
@@ -281,12 +283,12 @@ class Trainer:
                 self.step += 1
                 ran += 1
                 bar.update(1)
-                if self.phase == "dalle" and self.cfg.dalle_budget_minutes > 0:
+                if getattr(self.cfg, f"{self.phase}_budget_minutes", 0.0) > 0:
                     if ran == 20:  # speed measured past the first steps (cuDNN autotuning, workers starting)
                         t_rate = time.time()
                     elif ran == 120:
-                        self._fit_dalle_steps(100 / (time.time() - t_rate), time.time() - t_first)
-                        total = bar.total = self.cfg.dalle_steps
+                        self._fit_steps(100 / (time.time() - t_rate), time.time() - t_first)
+                        total = bar.total = getattr(self.cfg, f"{self.phase}_steps")
                 now = time.time()
                 if now - start > seconds:
                     out_of_time = True
@@ -307,8 +309,8 @@ class Trainer:
             if out_of_time:
                 self._checkpoint(on_save)
                 return False
-            if self.phase == "dalle":
-                self.cfg.dalle_budget_minutes = 0.0  # ended before the fit: the recipe's steps were taken
+            if self.phase in ("vae", "dalle"):  # ended before the fit: the recipe's steps were taken
+                setattr(self.cfg, f"{self.phase}_budget_minutes", 0.0)
             self.phase, self.step = ("dalle", 0) if self.phase == "vae" else ("done", 0)
             if self.phase == "done" and self.clip is not None and self.clip_step < self.cfg.clip_steps:
                 self.phase, self.step = "clip", self.clip_step  # CLIP was restarted: finish it alone
