@@ -14,7 +14,7 @@ def _mean(points):
 def test_quick_training_losses_fall_and_export_loads(tmp_path, monkeypatch):
     cfg = quick_config()
     trainer = Trainer(cfg, tmp_path / "state", torch.device("cpu"))
-    assert trainer.run(seconds=50)
+    assert trainer.run(seconds=300)  # ~12 s alone; the budget is a guard, not the measure
     hist = trainer.history
     for name in ("vae", "dalle"):
         pts = hist[name]
