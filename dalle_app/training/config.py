@@ -1,11 +1,13 @@
-"""Training recipes: `v1` (the default) made the shipped weights; `v2` has a sharper VAE (tried in session 2, not
-shipped: its DALLE was trained too briefly); `v3` adds the codebook-usage term (proposed, not trained yet); `quick`
-is tiny, for CPUs and tests. `RECIPES[name]()` builds one."""
+"""Training recipes. `v5` (the default, `TrainConfig()`) made the shipped weights: v4's DALLE on the widest VAE of a
+four-way sweep (`vae_sweep`, session 6). `v1` made the weights shipped before; `v2` has a sharper VAE (session 2, not
+shipped: its DALLE was trained too briefly); `v3` adds the codebook-usage term (session 5, not shipped: ghost
+objects); `v4` is v2's VAE with twice v1's DALLE steps; `quick` is tiny, for CPUs and tests. `RECIPES[name]()`
+builds one."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass
@@ -15,24 +17,24 @@ class TrainConfig:
     image_size: int = 128
     text_seq_len: int = 32
     # phase 1: DiscreteVAE
-    vae: dict = field(default_factory=lambda: dict(image_size=128, num_layers=3, num_tokens=512, codebook_dim=256,
-                                                   hidden_dim=64, num_resnet_blocks=1))
-    vae_steps: int = 3000
-    vae_batch: int = 64
-    vae_lr: float = 1e-3
-    vae_grad_clip: float = 0.0  # 0 = no clipping
+    vae: dict = field(default_factory=lambda: dict(image_size=128, num_layers=3, num_tokens=1024, codebook_dim=256,
+                                                   hidden_dim=192, num_resnet_blocks=3))
+    vae_steps: int = 2568
+    vae_batch: int = 128
+    vae_lr: float = 4e-4
+    vae_grad_clip: float = 1.0  # 0 = no clipping
     vae_temp_start: float = 1.0
     vae_temp_end: float = 1 / 16
     vae_hard_from: float = 0.7  # fraction of VAE steps after which sampling is straight-through (hard)
     vae_kl_weight: float = 0.0
     # > 0: size vae_steps to this many minutes, like dalle_budget_minutes below
     vae_budget_minutes: float = 0.0
-    # this project's codebook-usage term (DiscreteVAE.forward usage_weight); 0 in v1, whose VAE uses ~30 of 512 codes
+    # this project's codebook-usage term (DiscreteVAE.forward usage_weight); 0 but in v3 (v1's VAE uses ~30 codes)
     vae_usage_weight: float = 0.0
     # phase 2: DALLE (+ phase 3: CLIP, trained on the same batches)
     dalle: dict = field(default_factory=lambda: dict(dim=256, depth=6, heads=8, dim_head=32, attn_types=("full",),
                                                      shift_tokens=True, rotary_emb=True, loss_img_weight=7))
-    dalle_steps: int = 6000
+    dalle_steps: int = 7187
     # > 0: size dalle_steps to this many minutes of DALLE training, from the speed of its first 100 steps (at most
     # dalle_steps); then set back to 0, so the saved recipe names the steps actually taken
     dalle_budget_minutes: float = 0.0
@@ -70,12 +72,21 @@ class TrainConfig:
             setattr(self, name, value)
 
 
+def v1_config() -> TrainConfig:
+    """The recipe of the weights shipped until session 6: a 512-code VAE of 64 channels and 1 resnet block (its
+    codebook collapsed to ~30 codes), 6,000 DALLE steps."""
+    return TrainConfig(vae=dict(image_size=128, num_layers=3, num_tokens=512, codebook_dim=256, hidden_dim=64,
+                                num_resnet_blocks=1),
+                       vae_steps=3000, vae_batch=64, vae_lr=1e-3, vae_grad_clip=0.0, dalle_steps=6000)
+
+
 def v2_config() -> TrainConfig:
     """Sharper VAE (128 channels, 2 resnet blocks, 1024 codes: 28.3-28.5 dB instead of 27.1 after 7,000 steps of
     batch 64, 3.2 min on an H100), DALLE batch 128. The learning rate 1e-3 of v1 made this wider VAE collapse
     (14 dB) once the Gumbel temperature fell, hence 4e-4 with gradient clipping. DALLE 5,000 steps were far too few
     for the 1024-code token sequences (see the model card); raise dalle_steps when there is GPU time."""
-    return TrainConfig(
+    return replace(
+        v1_config(),
         vae=dict(image_size=128, num_layers=3, num_tokens=1024, codebook_dim=256, hidden_dim=128, num_resnet_blocks=2),
         vae_steps=7000, vae_lr=4e-4, vae_grad_clip=1.0, dalle_steps=5000, dalle_batch=128, clip_steps=2000,
     )
@@ -88,7 +99,8 @@ def v3_config() -> TrainConfig:
     On 2 CPU cores for 800 steps of batch 16 the usage term (0.05) kept 307 codes in use against 19 without it, at
     the same PSNR (22.1 / 21.8 dB). Run on an H200 in session 5 and not shipped: 430 codes in use and a much better
     shape bound (80.5% against 56.5%), but ghost blobs in empty background (benchmarks/results/training_v3_*.md)."""
-    return TrainConfig(
+    return replace(
+        v1_config(),
         vae=dict(image_size=128, num_layers=3, num_tokens=512, codebook_dim=256, hidden_dim=128, num_resnet_blocks=2),
         vae_steps=7000, vae_lr=4e-4, vae_grad_clip=1.0, vae_usage_weight=0.05, dalle_steps=12000,
     )
@@ -98,11 +110,20 @@ def v4_config() -> TrainConfig:
     """Proposed after v3's run (session 5), not trained yet: v2's VAE (1024 codes, no usage term: 28.3 dB and a
     shape bound of 74.5% in session 2, with no ghost objects), because v3's usage term kept its codes alive but
     painted blobs of colour into empty background (count bound 54.5%); and the DALLE of v1/v3 (batch 256) with
-    twice v1's steps, fitted to the time budget by the candidate command (15.7 steps/s on an H200)."""
-    return TrainConfig(
+    twice v1's steps, fitted to the time budget by the candidate command (15.7 steps/s on an H200). Session 6 ran
+    its VAE as the `base` variant of a VAE sweep; the `wide` variant became v5."""
+    return replace(
+        v1_config(),
         vae=dict(image_size=128, num_layers=3, num_tokens=1024, codebook_dim=256, hidden_dim=128, num_resnet_blocks=2),
         vae_steps=7000, vae_lr=4e-4, vae_grad_clip=1.0, dalle_steps=12000,
     )
+
+
+def v5_config() -> TrainConfig:
+    """The shipped weights' recipe (session 6, one H200), = TrainConfig's defaults: a VAE of 192 channels and 3
+    resnet blocks, batch 128, 2,568 steps (4 min of a sweep that trained four VAEs side by side); then the v1/v4
+    DALLE for 7,187 steps (the time left), CLIP on its first 2,400 batches."""
+    return TrainConfig()
 
 
 def quick_config() -> TrainConfig:
@@ -110,7 +131,7 @@ def quick_config() -> TrainConfig:
     return TrainConfig(
         image_size=32,
         vae=dict(image_size=32, num_layers=2, num_tokens=64, codebook_dim=32, hidden_dim=16, num_resnet_blocks=0),
-        vae_steps=200, vae_batch=16, vae_lr=3e-3, vae_temp_end=0.3, vae_hard_from=1.0,
+        vae_steps=200, vae_batch=16, vae_lr=3e-3, vae_grad_clip=0.0, vae_temp_end=0.3, vae_hard_from=1.0,
         dalle=dict(dim=64, depth=2, heads=2, dim_head=16, attn_types=("full",), shift_tokens=True, rotary_emb=True,
                    loss_img_weight=7),
         dalle_steps=80, dalle_batch=16, dalle_lr=2e-3, warmup=10,
@@ -120,4 +141,4 @@ def quick_config() -> TrainConfig:
     )
 
 
-RECIPES = {"v1": TrainConfig, "v2": v2_config, "v3": v3_config, "v4": v4_config, "quick": quick_config}
+RECIPES = {"v1": v1_config, "v2": v2_config, "v3": v3_config, "v4": v4_config, "v5": v5_config, "quick": quick_config}
