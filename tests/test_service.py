@@ -34,7 +34,9 @@ def test_text_to_image_writes_pngs_with_parameters_and_consecutive_seeds(service
                if not u.waiting]
     previews, last = updates[:-1], updates[-1]
     assert last.done and last.info["seeds"] == [7, 8, 9] and len(last.files) == 3
-    assert previews and all(not u.done and len(u.images) == 3 for u in previews)
+    # progress updates carry the three previews, or none when the preview throttle skipped that one
+    assert previews and all(not u.done and len(u.images) in (0, 3) for u in previews)
+    assert len(previews[0].images) == 3
     assert "tokens/s" in previews[0].progress_text and previews[0].tokens_per_s > 0
     assert all(0 < u.fraction <= 1 and u.eta_s is not None and u.eta_s >= 0 for u in previews)
     assert [u.fraction for u in previews] == sorted(u.fraction for u in previews)
@@ -57,6 +59,29 @@ def test_preview_blanks_rows_not_yet_sampled(service):
     pictures = service._preview(torch.zeros(1, side * 2, dtype=torch.long))
     pixels = torch.tensor(list(pictures[0].getdata())).reshape(size, size, 3)
     assert (pixels[size * 2 // side:] == round(0.9 * 255)).all()
+
+
+def test_preview_decodes_only_the_finished_rows(service, monkeypatch):
+    side = service.model.image_fmap_size
+    seen = []
+    decode = service._decode
+    monkeypatch.setattr(service, "_decode", lambda m, ids: seen.append(tuple(ids.shape)) or decode(m, ids))
+    service._preview(torch.zeros(2, side * 3 + 1, dtype=torch.long))
+    service._preview(torch.zeros(2, side - 1, dtype=torch.long))  # no finished row: nothing to decode
+    assert seen == [(2, 3, side)]
+
+
+def test_preview_throttle_keeps_previews_to_their_share_of_the_time():
+    from dalle_app.service.service import PreviewThrottle
+
+    throttle = PreviewThrottle(share=0.25)
+    assert throttle.due(0.1)
+    throttle.spent(0.2)  # that preview cost 0.2 s: the next is due 0.8 s after it began
+    assert not throttle.due(0.5) and not throttle.due(0.89)
+    assert throttle.due(0.95)
+    throttle.spent(0.01)  # cheap previews come often
+    assert throttle.due(1.0)
+    assert throttle.due(0.05)  # the clock restarted (a retry in smaller chunks): due at once
 
 
 def test_stop_returns_partial_images(service):
