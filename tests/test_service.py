@@ -72,7 +72,7 @@ def test_preview_decodes_only_the_finished_rows(service, monkeypatch):
 
 
 def test_preview_throttle_keeps_previews_to_their_share_of_the_time():
-    from dalle_app.service.service import PreviewThrottle
+    from dalle_app.service.previews import PreviewThrottle
 
     throttle = PreviewThrottle(share=0.25)
     assert throttle.due(0.1)
