@@ -283,3 +283,21 @@ def test_the_images_gradio_serves_are_deleted_after_the_cache_time(service):
     delete_cache a long-running demo's disk (and that record) grows with every request."""
     assert build_demo(service, cache_seconds=300).delete_cache == (300, 300)
     assert build_demo(service).delete_cache == (600, 3600)  # an hour, checked every ten minutes
+
+
+def _guidance_starts(demo):
+    config = demo.get_config_file()
+    return [c["props"]["value"] for c in config["components"] if c.get("props", {}).get("label") ==
+            "Guidance scale (1 = off)"]
+
+
+def test_guidance_starts_at_the_default_models_recommendation(service, monkeypatch):
+    import json
+    from pathlib import Path
+
+    assert _guidance_starts(build_demo(service)) == [1.0, 1.0]  # a model that recommends nothing: guidance off
+    card = service.load("weights/default")
+    monkeypatch.setattr(service, "load", lambda ref: {**card, "source": {"recommended_sampling": {"cond_scale": 3.0}}})
+    assert _guidance_starts(build_demo(service)) == [3.0, 3.0]  # text to image and priming
+    shipped = json.loads((Path(__file__).parents[1] / "weights/shapes-dalle/config.json").read_text())
+    assert shipped["source"]["recommended_sampling"] == {"cond_scale": 3.0, "top_k": 64}  # trained for guidance

@@ -342,7 +342,10 @@ class Trainer:
                   "clip": {"params": self.clip.config} if self.clip is not None else None,
                   "tokenizer": {"kind": "yttm"},
                   "source": {"trained_by": "python -m dalle_app.training", "train_seconds": round(self.seconds),
-                             "stored_dtype": str(dtype).replace("torch.", "")}}
+                             "stored_dtype": str(dtype).replace("torch.", ""),
+                             # trained with null_cond_prob, so guidance works: the app starts at these values
+                             "recommended_sampling": {"cond_scale": 3.0 if self.cfg.null_cond_prob > 0 else 1.0,
+                                                      "top_k": 64}}}
         def stored(module):  # parameters in `dtype`; buffers (rotary angles) stay float32: they need the precision
             module = copy.deepcopy(module)
             for p in module.parameters():

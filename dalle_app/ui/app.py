@@ -48,14 +48,18 @@ def _final(outputs):
     return lambda u: outputs(u) if u.done else (None, None)
 
 
-def _sampling(prefix: str, n_label: str = "Number of images", guidance: bool = True) -> dict:
-    """The shared sampling controls of a tab (created in the current layout context)."""
+def _sampling(prefix: str, n_label: str = "Number of images", guidance: bool = True,
+              start: dict | None = None) -> dict:
+    """The shared sampling controls of a tab (created in the current layout context). `start`: the starting
+    cond_scale / top_k, e.g. a model's `recommended_sampling` (guidance off and top-k 64 otherwise)."""
+    start = start or {}
     c = {"n": gr.Slider(1, MAX_IMAGES, value=4, step=1, label=n_label, elem_id=f"{prefix}-n"),
          "temperature": gr.Slider(0.05, 3.0, value=1.0, step=0.05, label="Temperature"),
-         "top_k": gr.Number(value=64, precision=0, minimum=0, label="Top-k (0 = all)"),
+         "top_k": gr.Number(value=int(start.get("top_k", 64)), precision=0, minimum=0, label="Top-k (0 = all)"),
          "top_p": gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (1 = off)", elem_id=f"{prefix}-top-p")}
     if guidance:
-        c["cond_scale"] = gr.Slider(0.0, 10.0, value=1.0, step=0.5, label="Guidance scale (1 = off)")
+        c["cond_scale"] = gr.Slider(0.0, 10.0, value=float(start.get("cond_scale", 1.0)), step=0.5,
+                                    label="Guidance scale (1 = off)")
     return c
 
 
@@ -74,6 +78,7 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
     default_ref = service.default_reference
     card = service.load(default_ref)
     side = (card.get("image") or {}).get("fmap_size") or 16
+    recommended = (card.get("source") or {}).get("recommended_sampling") or {}  # the default model's
     examples = build_examples(Path(examples_dir or Path(service.output_dir) / "examples"), token_rows=side)
 
     # ------------------------------------------------------------------------------ API endpoints (exact names)
@@ -131,7 +136,7 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
                         with gr.Row():
                             generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                        t2i = _sampling("t2i")
+                        t2i = _sampling("t2i", start=recommended)
                         with gr.Row():
                             seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", scale=3)
                             random_btn = gr.Button("🎲", scale=1, min_width=40)
@@ -164,7 +169,7 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
                         with gr.Row():
                             box = [gr.Number(v, label=n, minimum=0, maximum=1, min_width=60, elem_id=f"prime-box-{n}")
                                    for n, v in (("left", 0.0), ("top", 0.5), ("right", 0.5), ("bottom", 1.0))]
-                        prime = _sampling("prime")
+                        prime = _sampling("prime", start=recommended)
                         prime_seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="prime-seed")
                         with gr.Row():
                             prime_btn = gr.Button("Complete image", variant="primary", elem_id="prime-run")
