@@ -49,6 +49,8 @@ class DalleCheckpoint:
     source_format: str
     image_fmap_size: int | None = None
     notes: list = field(default_factory=list)
+    # sampling settings the model was trained for (project format: config.json source.recommended_sampling)
+    recommended_sampling: dict = field(default_factory=dict)
 
     def dalle_weights(self) -> dict:
         """Transformer/embedding tensors (no ``vae.*``)."""

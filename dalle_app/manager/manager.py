@@ -237,7 +237,8 @@ def build_model(resolved: ResolvedModel, *, device: torch.device, dtype: torch.d
         "vae": {"kind": vae_kind, "params": to_config() if callable(to_config) else vae_params},
         "clip": {"params": resolved.clip_params} if clip is not None else None,
         "tokenizer": {"kind": tok_kind, "file": tok_file.name if tok_file else None},
-        "source": {"format": ckpt.source_format, "dalle_pytorch_version": ckpt.version, "notes": ckpt.notes},
+        "source": {"format": ckpt.source_format, "dalle_pytorch_version": ckpt.version, "notes": ckpt.notes,
+                   **({"recommended_sampling": ckpt.recommended_sampling} if ckpt.recommended_sampling else {})},
     }
     nbytes = _unique_numel_and_bytes(dalle, clip)[1]
     return LoadedModel(dalle=dalle, vae=dalle.vae if hasattr(dalle, "vae") else vae, clip=clip, tokenizer=tok,

@@ -168,6 +168,7 @@ def read_pretrained(folder: str | Path, fetch=None) -> tuple[dict, DalleCheckpoi
         version=source.get("dalle_pytorch_version"), state_dict=weights,
         conv_like_window=config.get("conv_like_window", "above_left"), source_format=FORMAT_NAME,
         image_fmap_size=remap.fmap_size_from_keys(weights, hparams.get("text_seq_len")),
+        recommended_sampling=dict(source.get("recommended_sampling") or {}),
     )
     return config, checkpoint, clip_weights
 
