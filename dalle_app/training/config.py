@@ -107,7 +107,7 @@ def v3_config() -> TrainConfig:
 
 
 def v4_config() -> TrainConfig:
-    """Proposed after v3's run (session 5), not trained yet: v2's VAE (1024 codes, no usage term: 28.3 dB and a
+    """Proposed after v3's run (session 5), never trained as a whole: v2's VAE (1024 codes, no usage term: 28.3 dB and a
     shape bound of 74.5% in session 2, with no ghost objects), because v3's usage term kept its codes alive but
     painted blobs of colour into empty background (count bound 54.5%); and the DALLE of v1/v3 (batch 256) with
     twice v1's steps, fitted to the time budget by the candidate command (15.7 steps/s on an H200). Session 6 ran
