@@ -92,6 +92,47 @@ def test_vae_usage_term_is_log_codebook_minus_entropy_of_the_mean_code_distribut
     assert float(collapsed.detach()) > expected
 
 
+def test_edge_positions_mark_patches_that_are_not_one_flat_colour():
+    from dalle_app.models.vae import edge_positions
+
+    images = torch.zeros(1, 3, 32, 32)
+    images[:, 0] = 0.8  # a flat red background
+    images[:, :, 8:16, 8:16] = 0.2  # a square filling patch (1, 1) exactly: flat inside
+    images[:, :, 20:28, 18:26] = 1.0  # a square straddling patches (2, 2), (2, 3), (3, 2), (3, 3)
+    mask = edge_positions(images, fmap_size=4)
+    expected = torch.zeros(1, 4, 4)
+    expected[0, 2:4, 2:4] = 1
+    assert torch.equal(mask, expected)
+
+
+def test_usage_term_with_a_mask_counts_only_the_masked_positions():
+    import math
+
+    from dalle_app.models import DiscreteVAE
+
+    torch.manual_seed(0)
+    vae = DiscreteVAE(image_size=16, num_layers=2, num_tokens=8, codebook_dim=4, hidden_dim=4)
+    images = torch.rand(2, 3, 16, 16)
+    mask = torch.zeros(2, 4, 4)
+    mask[0, 1, 2] = mask[1, 3, 0] = 1
+    torch.manual_seed(1)
+    plain = vae(images, return_loss=True, temp=1.0)
+    torch.manual_seed(1)
+    masked = vae(images, return_loss=True, temp=1.0, usage_weight=0.5, usage_mask=mask)
+    with torch.no_grad():
+        q = vae.logits(images).softmax(dim=1)  # (b, K, h, w)
+        mean_q = (q[0, :, 1, 2] + q[1, :, 3, 0]) / 2
+    expected = 0.5 * (math.log(8) - float(-(mean_q * mean_q.log()).sum()))
+    assert float((masked - plain).detach()) == pytest.approx(expected, rel=1e-4)
+
+
+def test_trainer_refuses_an_unknown_usage_region(tmp_path):
+    trainer = Trainer(quick_config(), tmp_path / "state", torch.device("cpu"), overrides=["vae_usage_on=corners"])
+    images = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="vae_usage_on must be"):
+        trainer._vae_step(images)
+
+
 def test_phase_steps_are_fitted_to_the_time_budget_and_the_recipe_then_names_them(tmp_path):
     trainer = Trainer(quick_config(), tmp_path / "state", torch.device("cpu"),
                       overrides=["dalle_steps=10000", "vae_steps=10000"])

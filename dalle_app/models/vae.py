@@ -24,6 +24,15 @@ def token_grid(ids: torch.Tensor) -> torch.Tensor:
     return ids
 
 
+def edge_positions(images: torch.Tensor, fmap_size: int, threshold: float = 1e-3) -> torch.Tensor:
+    """(b, fmap, fmap) float mask of the token positions whose image patch is not one flat colour: the pixel
+    variance of the patch, summed over channels, is above `threshold` (images in [0, 1])."""
+    patch = images.shape[-1] // fmap_size
+    mean = F.avg_pool2d(images.float(), patch)
+    var = F.avg_pool2d(images.float() ** 2, patch) - mean ** 2
+    return (var.sum(dim=1) > threshold).float()
+
+
 class ResBlock(nn.Module):
     """conv3x3 -> ReLU -> conv3x3 -> ReLU -> conv1x1, plus the input (keys `net.0/2/4`)."""
 
@@ -117,12 +126,15 @@ class DiscreteVAE(nn.Module):
             decoded = decoded * stds + means
         return decoded.clamp(0, 1)
 
-    def forward(self, img, return_loss=False, return_recons=False, return_logits=False, temp=None, usage_weight=0.0):
+    def forward(self, img, return_loss=False, return_recons=False, return_logits=False, temp=None, usage_weight=0.0,
+                usage_mask=None):
         """Training forward: Gumbel-softmax relaxation, reconstruction (+ KL to uniform) loss, as DALLE-pytorch.
 
         usage_weight (this project's addition, 0 = the reference's loss): adds usage_weight * (log K - H), H the
         entropy of the codebook distribution averaged over the batch and positions, K the codebook size; it keeps
-        the whole codebook in use (without it the built-in model's VAE came to use 30 of its 512 codes)."""
+        the whole codebook in use (without it the built-in model's VAE came to use 30 of its 512 codes).
+        usage_mask: optional (b, h, w) weights of the token positions that H averages over (e.g. only the positions
+        that hold an edge, `edge_positions`), so plain areas may keep few codes."""
         logits = self.logits(img)
         if return_logits:
             return logits
@@ -147,7 +159,12 @@ class DiscreteVAE(nn.Module):
         kl_div = F.kl_div(log_uniform, log_qy, None, None, "batchmean", log_target=True)
         loss = recon_loss + kl_div * self.kl_div_loss_weight
         if usage_weight:
-            mean_q = log_qy.exp().mean(dim=(0, 1))
+            q = log_qy.exp()  # (b, h*w, K)
+            if usage_mask is None:
+                mean_q = q.mean(dim=(0, 1))
+            else:
+                w = usage_mask.flatten(1).to(q.dtype)[..., None]
+                mean_q = (q * w).sum(dim=(0, 1)) / w.sum().clamp_min(1.0)
             entropy = -(mean_q * mean_q.clamp_min(1e-12).log()).sum()
             loss = loss + usage_weight * (math.log(self.num_tokens) - entropy)
         return (loss, out) if return_recons else loss

@@ -31,6 +31,9 @@ class TrainConfig:
     vae_budget_minutes: float = 0.0
     # this project's codebook-usage term (DiscreteVAE.forward usage_weight); 0 but in v3 (v1's VAE uses ~30 codes)
     vae_usage_weight: float = 0.0
+    # where the usage term looks: "all" token positions (v3: ghost blobs in plain background), or "edges", the
+    # positions whose patch is not one flat colour (shape outlines), so plain areas may keep one code per colour
+    vae_usage_on: str = "all"
     # phase 2: DALLE (+ phase 3: CLIP, trained on the same batches)
     dalle: dict = field(default_factory=lambda: dict(dim=256, depth=6, heads=8, dim_head=32, attn_types=("full",),
                                                      shift_tokens=True, rotary_emb=True, loss_img_weight=7))

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..models import CLIP, DALLE, DiscreteVAE
+from ..models.vae import edge_positions
 from ..tokenizers.yttm import YttmTokenizer
 from ..world import ShapesBatches, ShapesDataset
 from .config import TrainConfig
@@ -170,8 +171,14 @@ class Trainer:
         for g in self.opt_vae.param_groups:
             g["lr"] = lr_at(self.step, cfg.vae_steps, cfg.vae_lr, 100)
         self.vae.train()
+        usage_mask = None
+        if cfg.vae_usage_weight and cfg.vae_usage_on == "edges":
+            usage_mask = edge_positions(images, self.vae.fmap_size)
+        elif cfg.vae_usage_on != "all":
+            raise ValueError(f"vae_usage_on must be 'all' or 'edges', not {cfg.vae_usage_on!r}.")
         with self._autocast():
-            loss = self.vae(images, return_loss=True, temp=temp, usage_weight=cfg.vae_usage_weight)
+            loss = self.vae(images, return_loss=True, temp=temp, usage_weight=cfg.vae_usage_weight,
+                            usage_mask=usage_mask)
         self.opt_vae.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.vae_grad_clip:
