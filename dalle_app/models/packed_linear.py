@@ -53,9 +53,6 @@ def packed_dtypes() -> set:
 
 
 _DTYPES = packed_dtypes()
-# experiment (CUDA, under torch.compile): few-row products as a broadcast multiply and sum, which inductor fuses
-# into one reduction kernel with its neighbours instead of a cuBLAS call
-_FEW_ROWS_AS_REDUCTION = os.environ.get("DALLE_APP_FEW_ROW_REDUCTION", "") == "1"
 
 
 def _use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -69,10 +66,6 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """`F.linear(x, weight, bias)`, computed with a oneDNN-packed copy of `weight` stored on `holder` under `name`
     when that is possible and faster (float32 inference on the CPU)."""
     global _available
-    if (_FEW_ROWS_AS_REDUCTION and x.is_cuda and torch.compiler.is_compiling()
-            and x.numel() // x.shape[-1] <= 16):
-        out = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
-        return (out if bias is None else out + bias.float()).to(x.dtype)
     if not _use_packed(x, weight):
         return F.linear(x, weight, bias)
     key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride())
