@@ -91,7 +91,12 @@ def _compiled_step(mode: str | None = None):
     if mode not in _COMPILED:
         import torch._dynamo
 
+        import torch._inductor.config
+
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # tunes the block sizes of the generated GPU kernels: on an H200 the community shape went from 0.271 s to
+        # 0.255 s (8 guided images) and 0.233 s to 0.227 s (1), session 7; no effect on CPU code
+        torch._inductor.config.coordinate_descent_tuning = True
         _COMPILED[mode] = torch.compile(_decode_step, dynamic=False, mode=mode)
     return _COMPILED[mode]
 
