@@ -1,7 +1,8 @@
 """Training recipes. `v5` (the default, `TrainConfig()`) made the shipped weights: v4's DALLE on the widest VAE of a
 four-way sweep (`vae_sweep`, session 6). `v1` made the weights shipped before; `v2` has a sharper VAE (session 2, not
 shipped: its DALLE was trained too briefly); `v3` adds the codebook-usage term (session 5, not shipped: ghost
-objects); `v4` is v2's VAE with twice v1's DALLE steps; `quick` is tiny, for CPUs and tests. `RECIPES[name]()`
+objects); `v4` is v2's VAE with twice v1's DALLE steps; `v6` (proposed, session 7) is v5 with the usage term on edges only and twice
+the DALLE steps; `quick` is tiny, for CPUs and tests. `RECIPES[name]()`
 builds one."""
 
 from __future__ import annotations
@@ -129,6 +130,14 @@ def v5_config() -> TrainConfig:
     return TrainConfig()
 
 
+def v6_config() -> TrainConfig:
+    """Proposed after session 7, not trained as a whole: v5 with the codebook-usage term on edge positions only
+    (weight 0.02: in a 4.5-minute sweep 978 codes in use instead of 28, shape bound 75.5% against 64.0%, no ghost
+    objects) and twice v5's DALLE steps, which the ~980-code token sequences need (6,854 steps were too few:
+    benchmarks/results/training_v6_2026-12-02.md). Takes two GPU leases: resume with candidate --resume-weights."""
+    return replace(TrainConfig(), vae_usage_weight=0.02, vae_usage_on="edges", dalle_steps=15000)
+
+
 def quick_config() -> TrainConfig:
     """A tiny recipe that trains in well under a minute on two CPU cores (32 px images, 8x8 tokens)."""
     return TrainConfig(
@@ -144,4 +153,4 @@ def quick_config() -> TrainConfig:
     )
 
 
-RECIPES = {"v1": v1_config, "v2": v2_config, "v3": v3_config, "v4": v4_config, "v5": v5_config, "quick": quick_config}
+RECIPES = {"v1": v1_config, "v2": v2_config, "v3": v3_config, "v4": v4_config, "v5": v5_config, "v6": v6_config, "quick": quick_config}
