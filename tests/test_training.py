@@ -127,10 +127,8 @@ def test_usage_term_with_a_mask_counts_only_the_masked_positions():
 
 
 def test_trainer_refuses_an_unknown_usage_region(tmp_path):
-    trainer = Trainer(quick_config(), tmp_path / "state", torch.device("cpu"), overrides=["vae_usage_on=corners"])
-    images = torch.rand(2, 3, 32, 32)
     with pytest.raises(ValueError, match="vae_usage_on must be"):
-        trainer._vae_step(images)
+        Trainer(quick_config(), tmp_path / "state", torch.device("cpu"), overrides=["vae_usage_on=corners"])
 
 
 def test_phase_steps_are_fitted_to_the_time_budget_and_the_recipe_then_names_them(tmp_path):

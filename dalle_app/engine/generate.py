@@ -90,7 +90,6 @@ def _compiled_step(mode: str | None = None):
     sizes, hence the raised recompile limit."""
     if mode not in _COMPILED:
         import torch._dynamo
-
         import torch._inductor.config
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

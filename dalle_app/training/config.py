@@ -1,9 +1,8 @@
 """Training recipes. `v5` (the default, `TrainConfig()`) made the shipped weights: v4's DALLE on the widest VAE of a
 four-way sweep (`vae_sweep`, session 6). `v1` made the weights shipped before; `v2` has a sharper VAE (session 2, not
 shipped: its DALLE was trained too briefly); `v3` adds the codebook-usage term (session 5, not shipped: ghost
-objects); `v4` is v2's VAE with twice v1's DALLE steps; `v6` (proposed, session 7) is v5 with the usage term on edges only and twice
-the DALLE steps; `quick` is tiny, for CPUs and tests. `RECIPES[name]()`
-builds one."""
+objects); `v4` is v2's VAE with twice v1's DALLE steps; `v6` (proposed in session 7) is v5 with the usage term on
+edges only and twice the DALLE steps; `quick` is tiny, for CPUs and tests. `RECIPES[name]()` builds one."""
 
 from __future__ import annotations
 
@@ -153,4 +152,5 @@ def quick_config() -> TrainConfig:
     )
 
 
-RECIPES = {"v1": v1_config, "v2": v2_config, "v3": v3_config, "v4": v4_config, "v5": v5_config, "v6": v6_config, "quick": quick_config}
+RECIPES = {"v1": v1_config, "v2": v2_config, "v3": v3_config, "v4": v4_config, "v5": v5_config, "v6": v6_config,
+           "quick": quick_config}

@@ -52,6 +52,8 @@ class Trainer:
         if saved is not None and "config" in saved:
             cfg = TrainConfig(**saved["config"])
         cfg.override(list(overrides))
+        if cfg.vae_usage_on not in ("all", "edges"):
+            raise ValueError(f"vae_usage_on must be 'all' or 'edges', not {cfg.vae_usage_on!r}.")
         self.cfg, self.state_dir, self.device, self.shard_mib = cfg, Path(state_dir), device, shard_mib
         self.tokenizer = YttmTokenizer(TOKENIZER_FILE, backend="python")
         torch.manual_seed(cfg.seed)
@@ -174,8 +176,6 @@ class Trainer:
         usage_mask = None
         if cfg.vae_usage_weight and cfg.vae_usage_on == "edges":
             usage_mask = edge_positions(images, self.vae.fmap_size)
-        elif cfg.vae_usage_on != "all":
-            raise ValueError(f"vae_usage_on must be 'all' or 'edges', not {cfg.vae_usage_on!r}.")
         with self._autocast():
             loss = self.vae(images, return_loss=True, temp=temp, usage_weight=cfg.vae_usage_weight,
                             usage_mask=usage_mask)
