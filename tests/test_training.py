@@ -126,6 +126,24 @@ def test_usage_term_with_a_mask_counts_only_the_masked_positions():
     assert float((masked - plain).detach()) == pytest.approx(expected, rel=1e-4)
 
 
+def test_edge_pixel_weights_make_the_reconstruction_loss_a_weighted_mean_over_edge_patches():
+    from dalle_app.models import DiscreteVAE
+    from dalle_app.models.vae import edge_pixel_weights
+
+    torch.manual_seed(0)
+    vae = DiscreteVAE(image_size=16, num_layers=2, num_tokens=8, codebook_dim=4, hidden_dim=4)
+    images = torch.full((1, 3, 16, 16), 0.5)
+    images[:, :, 5:7, 5:7] = 1.0  # a speck inside patch (1, 1) of the 4x4 grid of 4-pixel patches
+    weights = edge_pixel_weights(images, vae.fmap_size, edge_weight=3.0)
+    assert weights[0, 4:8, 4:8].eq(4.0).all() and weights.sum() == 16 * 16 + 3.0 * 16
+    torch.manual_seed(1)
+    loss, out = vae(images, return_loss=True, return_recons=True, temp=1.0, pixel_weight=weights)
+    err = (out.detach() - vae.norm(images)) ** 2
+    expected = (err * weights[:, None]).sum() / (weights.sum() * 3)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(expected) != pytest.approx(float(err.mean()), rel=1e-3)  # the weights changed the loss
+
+
 def test_trainer_refuses_an_unknown_usage_region(tmp_path):
     with pytest.raises(ValueError, match="vae_usage_on must be"):
         Trainer(quick_config(), tmp_path / "state", torch.device("cpu"), overrides=["vae_usage_on=corners"])

@@ -161,10 +161,12 @@ class Attention(nn.Module):
                 raise ValueError("a sparse attention layer needs seq_len to size its block layout.")
             self.register_buffer("master_layout", torch.ones(sparse_layout_shape(heads, seq_len), dtype=torch.long))
 
-    def forward(self, x, mask=None, rotary=None, kv_cache=None, start=0):
+    def forward(self, x, mask=None, rotary=None, kv_cache=None, start=0, causal=False):
         """Attend from x (b, n, dim) at positions start..start+n-1.
 
         mask: bool, broadcastable to (b, heads, n, keys), True = may attend (None = attend to all keys).
+        causal: instead of a mask, each query attends to the keys up to its own position (x is the whole sequence
+        from position 0); SDPA then runs its flash kernel, which an explicit mask rules out.
         rotary: the Rotary of the n positions, or None.
         kv_cache: the layer's key/value buffer (2, b, heads, max_len, dim_head) that receives this call's keys and
         values; the call then attends to the cached keys 0..start+n-1 (or to the whole buffer, masked, when start
@@ -180,7 +182,7 @@ class Attention(nn.Module):
         if torch.is_tensor(start) and mask is not None:
             out = attend_static_cache(q, k, v, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         out = out.transpose(1, 2).flatten(2)
         return self.dropout(self.to_out(out))
 

@@ -221,6 +221,8 @@ class Transformer(nn.Module):
             mask_i = masks[kind]
             kv = cache.kv[i] if cache is not None else None
             attn_kw = dict(mask=mask_i, rotary=rotary, kv_cache=kv, start=start)
+            if kind == "full" and self.causal and mask is None and not torch.is_tensor(start) and start == 0:
+                attn_kw.update(mask=None, causal=True)  # the whole sequence from 0: SDPA's flash kernel
             attn_shift = self._shifter(cache, i, 0, start, n, shift)
             ff_shift = self._shifter(cache, i, 1, start, n, shift)
             if self.reversible:

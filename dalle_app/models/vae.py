@@ -33,6 +33,14 @@ def edge_positions(images: torch.Tensor, fmap_size: int, threshold: float = 1e-3
     return (var.sum(dim=1) > threshold).float()
 
 
+def edge_pixel_weights(images: torch.Tensor, fmap_size: int, edge_weight: float) -> torch.Tensor:
+    """(b, H, W) reconstruction-loss weights: 1 + edge_weight on the pixels of the patches that `edge_positions`
+    marks, 1 elsewhere."""
+    patch = images.shape[-1] // fmap_size
+    edges = edge_positions(images, fmap_size).repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
+    return 1.0 + edge_weight * edges
+
+
 class ResBlock(nn.Module):
     """conv3x3 -> ReLU -> conv3x3 -> ReLU -> conv1x1, plus the input (keys `net.0/2/4`)."""
 
@@ -127,14 +135,16 @@ class DiscreteVAE(nn.Module):
         return decoded.clamp(0, 1)
 
     def forward(self, img, return_loss=False, return_recons=False, return_logits=False, temp=None, usage_weight=0.0,
-                usage_mask=None):
+                usage_mask=None, pixel_weight=None):
         """Training forward: Gumbel-softmax relaxation, reconstruction (+ KL to uniform) loss, as DALLE-pytorch.
 
         usage_weight (this project's addition, 0 = the reference's loss): adds usage_weight * (log K - H), H the
         entropy of the codebook distribution averaged over the batch and positions, K the codebook size; it keeps
         the whole codebook in use (without it the built-in model's VAE came to use 30 of its 512 codes).
         usage_mask: optional (b, h, w) weights of the token positions that H averages over (e.g. only the positions
-        that hold an edge, `edge_positions`), so plain areas may keep few codes."""
+        that hold an edge, `edge_positions`), so plain areas may keep few codes.
+        pixel_weight: optional (b, H, W) weights of the pixels in the reconstruction loss (a weighted mean), e.g.
+        `edge_pixel_weights`, so the few pixels of small shapes' outlines count for more than plain background."""
         logits = self.logits(img)
         if return_logits:
             return logits
@@ -153,7 +163,12 @@ class DiscreteVAE(nn.Module):
         if not return_loss:
             return out
         target = self.norm(img)
-        recon_loss = (F.smooth_l1_loss if self.smooth_l1_loss else F.mse_loss)(target, out)
+        loss_fn = F.smooth_l1_loss if self.smooth_l1_loss else F.mse_loss
+        if pixel_weight is None:
+            recon_loss = loss_fn(target, out)
+        else:
+            w = pixel_weight[:, None].to(out.dtype)
+            recon_loss = (loss_fn(target, out, reduction="none") * w).sum() / (w.sum() * out.shape[1]).clamp_min(1.0)
         log_qy = F.log_softmax(logits.flatten(2).transpose(1, 2), dim=-1)
         log_uniform = torch.log(torch.tensor([1.0 / self.num_tokens], device=img.device))
         kl_div = F.kl_div(log_uniform, log_qy, None, None, "batchmean", log_target=True)

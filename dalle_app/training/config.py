@@ -34,6 +34,9 @@ class TrainConfig:
     # where the usage term looks: "all" token positions (v3: ghost blobs in plain background), or "edges", the
     # positions whose patch is not one flat colour (shape outlines), so plain areas may keep one code per colour
     vae_usage_on: str = "all"
+    # > 0: the reconstruction loss weighs the pixels of edge patches (shape outlines, `edge_pixel_weights`) by
+    # 1 + this, so small shapes are not sacrificed to the plain background that fills most of each image
+    vae_edge_loss_weight: float = 0.0
     # phase 2: DALLE (+ phase 3: CLIP, trained on the same batches)
     dalle: dict = field(default_factory=lambda: dict(dim=256, depth=6, heads=8, dim_head=32, attn_types=("full",),
                                                      shift_tokens=True, rotary_emb=True, loss_img_weight=7))
@@ -42,6 +45,7 @@ class TrainConfig:
     # dalle_steps); then set back to 0, so the saved recipe names the steps actually taken
     dalle_budget_minutes: float = 0.0
     dalle_batch: int = 256
+    dalle_compile: bool = False  # torch.compile the DALLE's training forward and loss (CUDA only)
     dalle_lr: float = 6e-4
     weight_decay: float = 0.01
     warmup: int = 200

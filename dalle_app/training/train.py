@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..models import CLIP, DALLE, DiscreteVAE
-from ..models.vae import edge_positions
+from ..models.vae import edge_pixel_weights, edge_positions
 from ..tokenizers.yttm import YttmTokenizer
 from ..world import ShapesBatches, ShapesDataset
 from .config import TrainConfig
@@ -65,7 +65,11 @@ class Trainer:
         self.opt_vae = torch.optim.Adam(self.vae.parameters(), lr=cfg.vae_lr)
         dalle_params = [p for n, p in self.dalle.named_parameters() if not n.startswith("vae.")]
         self.opt_dalle = torch.optim.AdamW(dalle_params, lr=cfg.dalle_lr, betas=(0.9, 0.96),
-                                           weight_decay=cfg.weight_decay)
+                                           weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        # the training forward and loss, compiled on CUDA when the recipe asks (sampling keeps the eager module)
+        self._dalle_loss = self._eager_dalle_loss
+        if cfg.dalle_compile and device.type == "cuda":
+            self._dalle_loss = torch.compile(self._eager_dalle_loss, dynamic=False)
         self.opt_clip = torch.optim.AdamW(self.clip.parameters(), lr=cfg.clip_lr, weight_decay=cfg.weight_decay) \
             if self.clip else None
         self.phase, self.step, self.clip_step = "vae", 0, 0
@@ -176,15 +180,18 @@ class Trainer:
         usage_mask = None
         if cfg.vae_usage_weight and cfg.vae_usage_on == "edges":
             usage_mask = edge_positions(images, self.vae.fmap_size)
+        pixel_weight = None
+        if cfg.vae_edge_loss_weight:
+            pixel_weight = edge_pixel_weights(images, self.vae.fmap_size, cfg.vae_edge_loss_weight)
         with self._autocast():
             loss = self.vae(images, return_loss=True, temp=temp, usage_weight=cfg.vae_usage_weight,
-                            usage_mask=usage_mask)
+                            usage_mask=usage_mask, pixel_weight=pixel_weight)
         self.opt_vae.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.vae_grad_clip:
             torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.vae_grad_clip)
         self.opt_vae.step()
-        out = {"vae": loss.item(), "temp": temp}
+        out = {"vae": loss.detach(), "temp": temp}
         if self.step % self.cfg.log_every == 0:
             psnr_db, out["codes"] = self._vae_check(images)
             out["psnr"] = psnr_db.item()
@@ -218,20 +225,23 @@ class Trainer:
             ids = self.vae.get_codebook_indices(images)
         self.dalle.train()
         with self._autocast():
-            loss = self.dalle(text, ids, return_loss=True, null_cond_prob=cfg.null_cond_prob)
+            loss = self._dalle_loss(text, ids)
         self.opt_dalle.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.opt_dalle.param_groups[0]["params"], 1.0)
         self.opt_dalle.step()
         self._last_ids = ids
-        return {"dalle": loss.item()}
+        return {"dalle": loss.detach()}  # a tensor: read (a device sync) only when logged
+
+    def _eager_dalle_loss(self, text, ids):
+        return self.dalle(text, ids, return_loss=True, null_cond_prob=self.cfg.null_cond_prob)
 
     def _clip_part(self, ids, text, out: dict) -> dict:
         cfg = self.cfg
         if self.clip is not None and self.clip_step < cfg.clip_steps:
             for g in self.opt_clip.param_groups:
                 g["lr"] = lr_at(self.clip_step, cfg.clip_steps, cfg.clip_lr, cfg.warmup)
-            with torch.no_grad():  # CLIP sees what it will rerank: decoder output, in the decoder's space
+            with torch.no_grad(), self._autocast():  # CLIP sees what it will rerank: decoder output, in its space
                 decoded = self.vae.decode(ids).float().clamp(-1, 1)
             self.clip.train()
             closs = self.clip(text, decoded, text_mask=text != 0, return_loss=True)  # float32: bf16 went NaN
