@@ -165,6 +165,17 @@ def test_phase_steps_are_fitted_to_the_time_budget_and_the_recipe_then_names_the
     assert trainer.cfg.vae_steps == 720 and trainer.cfg.vae_budget_minutes == 0 and trainer.cfg.dalle_steps == 520
 
 
+def test_a_provisional_fit_keeps_the_budget_and_the_recipe_ceiling_for_the_final_fit(tmp_path):
+    trainer = Trainer(quick_config(), tmp_path / "state", torch.device("cpu"), overrides=["dalle_steps=10000"])
+    trainer.phase, trainer.step = "dalle", 120
+    trainer.cfg.dalle_budget_minutes = 10.0
+    trainer._fit_steps(rate=5.0, seconds_spent=0.0, final=False)  # slow while CLIP trains: 3,120 steps so far
+    assert trainer.cfg.dalle_steps == 3120 and trainer.cfg.dalle_budget_minutes == 10.0
+    trainer.step = 1000
+    trainer._fit_steps(rate=20.0, seconds_spent=300.0)  # faster alone: 1000 + 20 * 300, under the recipe's 10,000
+    assert trainer.cfg.dalle_steps == 7000 and trainer.cfg.dalle_budget_minutes == 0
+
+
 def test_candidate_run_trains_exports_evaluates_and_packs_parts_that_unpack_to_a_loadable_model(tmp_path, monkeypatch):
     import io
     import json

@@ -73,6 +73,7 @@ class Trainer:
         self.opt_clip = torch.optim.AdamW(self.clip.parameters(), lr=cfg.clip_lr, weight_decay=cfg.weight_decay) \
             if self.clip else None
         self.phase, self.step, self.clip_step = "vae", 0, 0
+        self._fit_ceiling: int | None = None  # the recipe's step count while a budget fit is provisional
         self.history: dict[str, list] = {}
         self.seconds = 0.0  # training time summed over all runs
         self.throughput: dict[str, dict] = {}  # this call's speed per phase (steps/s, share spent waiting for data)
@@ -259,16 +260,22 @@ class Trainer:
         return out
 
     # -- driver --------------------------------------------------------------------------------------------------
-    def _fit_steps(self, rate: float, seconds_spent: float) -> None:
+    def _fit_steps(self, rate: float, seconds_spent: float, final: bool = True) -> None:
         """Fix the current phase's step count (vae_steps or dalle_steps) from the measured speed (steps/s) so that
         the phase fits its budget (`vae_budget_minutes` / `dalle_budget_minutes`), never more steps than the
-        recipe's; the learning-rate (and Gumbel temperature) schedules follow, since they are barely started."""
+        recipe's; the learning-rate (and Gumbel temperature) schedules follow, since they are barely started.
+        final=False keeps the budget for a second fit (the DALLE runs faster once CLIP has finished)."""
         cfg, phase = self.cfg, self.phase
         budget, recipe_steps = getattr(cfg, f"{phase}_budget_minutes"), getattr(cfg, f"{phase}_steps")
+        if self._fit_ceiling is None:
+            self._fit_ceiling = recipe_steps  # a provisional fit must not lower the ceiling of the final one
+        recipe_steps = self._fit_ceiling
         fitted = int(self.step + rate * max(0.0, budget * 60 - seconds_spent))
         print(f"{phase}: {rate:.1f} steps/s; {budget:g} min allow {fitted} steps (recipe: at most {recipe_steps})")
         setattr(cfg, f"{phase}_steps", max(self.step + 1, min(recipe_steps, fitted)))
-        setattr(cfg, f"{phase}_budget_minutes", 0.0)
+        if final:
+            setattr(cfg, f"{phase}_budget_minutes", 0.0)
+            self._fit_ceiling = None
 
     def run(self, seconds: float, save_every: float = 120.0, stop_at_phase: str | None = None,
             on_save: Callable[[], None] | None = None) -> bool:
@@ -282,7 +289,7 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, desc=self.phase, mininterval=5, dynamic_ncols=True)
             t0 = time.time()
             out_of_time = False
-            waited, ran, t_fetch, t_first = 0.0, 0, time.time(), None
+            waited, ran, t_fetch, t_first, regime_start = 0.0, 0, time.time(), None, 0
             for images, text in self._loader(batch):
                 if t_first is None:  # the first batch also waits for the workers to start: not counted
                     t_first = time.time()
@@ -301,11 +308,16 @@ class Trainer:
                 ran += 1
                 bar.update(1)
                 if getattr(self.cfg, f"{self.phase}_budget_minutes", 0.0) > 0:
-                    if ran == 20:  # speed measured past the first steps (cuDNN autotuning, workers starting)
+                    # speed measured past the first steps of a regime (cuDNN autotuning, workers starting, compile)
+                    if ran - regime_start == 20:
                         t_rate = time.time()
-                    elif ran == 120:
-                        self._fit_steps(100 / (time.time() - t_rate), time.time() - t_first)
+                    elif ran - regime_start == 120:
+                        clip_left = self.cfg.clip_steps - self.clip_step if self.phase == "dalle" and self.clip else 0
+                        final = clip_left <= 0 or self.step + clip_left >= self.cfg.dalle_steps
+                        self._fit_steps(100 / (time.time() - t_rate), time.time() - t_first, final=final)
                         total = bar.total = getattr(self.cfg, f"{self.phase}_steps")
+                        if not final:  # measure again once CLIP has finished: the steps alone are faster
+                            regime_start = ran + clip_left
                 now = time.time()
                 if now - start > seconds:
                     out_of_time = True
