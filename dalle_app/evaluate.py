@@ -1,6 +1,6 @@
 """Measure how well a model draws held-out captions, with the world's judge.
 
-    python -m dalle_app.evaluate --model weights/shapes-dalle --n 500 [--cond-scale 3 --top-k 64 --rerank 8]
+    python -m dalle_app.evaluate --model weights/shapes-dalle --n 500 [--cond-scale 1.5 --top-k 64 --rerank 8]
 
 Prints the fidelity table (per attribute accuracy), the VAE's PSNR on fresh renders and, with --vae-judge N, the
 upper bound the VAE sets: the judge's table for VAE reconstructions of N held-out scenes rendered with their captions.
@@ -104,8 +104,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=None, help="model reference (default: the built-in model)")
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0, help="held-out caption stream")
-    parser.add_argument("--cond-scale", type=float, default=3.0)
-    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--cond-scale", type=float, default=None,
+                        help="guidance (default: the model's recommended_sampling, else 1 = off)")
+    parser.add_argument("--top-k", type=int, default=None, help="default: the model's recommended_sampling, else 64")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--rerank", type=int, default=1, help="best of N by CLIP score (1 = off)")
     parser.add_argument("--batch", type=int, default=256)
@@ -120,6 +121,11 @@ def main(argv=None) -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = ModelManager(device=device).load(args.model or str(BUILTIN_MODEL_DIR), device=device)
+    recommended = model.config["source"].get("recommended_sampling", {})
+    if args.cond_scale is None:
+        args.cond_scale = float(recommended.get("cond_scale", 1.0))
+    if args.top_k is None:
+        args.top_k = int(recommended.get("top_k", 64))
     captions = heldout_captions(args.n, seed=args.seed)
     options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, cond_scale=args.cond_scale)
     t = time.time()

@@ -10,7 +10,7 @@ collect the files in later calls. Everything lands under --folder:
                 small enough to carry away if the machine is lost; `--folder` with `--resume-weights` continues
                 from such a copy (fresh optimizers)
     model/      the exported project-format model (once training is done)
-    eval_default.json, eval_rerank8.json   `python -m dalle_app.evaluate` on 500 held-out captions
+    eval_*.json   `python -m dalle_app.evaluate` on 500 held-out captions: default sampling, best of 8, guidance 1/2/3
     summary.json  speed, steps, PSNR, the fidelity tables, and the seconds each part took
     pack/       model/ and the JSON files as one tar in parts of at most --shard-mib MiB
 
@@ -34,7 +34,9 @@ import torch
 from .config import RECIPES
 from .train import Trainer
 
-EVALUATIONS = {"eval_default.json": ["--rerank", "1", "--vae-judge", "200"], "eval_rerank8.json": ["--rerank", "8"]}
+# at the model's recommended sampling, then guidance 1 / 2 / 3 to check that recommendation
+EVALUATIONS = {"eval_default.json": ["--rerank", "1", "--vae-judge", "200"], "eval_rerank8.json": ["--rerank", "8"],
+               **{f"eval_g{g}.json": ["--rerank", "1", "--cond-scale", g] for g in ("1", "2", "3")}}
 
 
 def pack(files: list[Path], base: Path, out_dir: Path, part_mib: float) -> list[Path]:
