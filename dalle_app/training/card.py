@@ -23,8 +23,14 @@ EXAMPLE_PROMPTS = [
     "a purple heart to the right of a green ring", "a small cyan cross at the bottom on a red background",
     "a blue diamond below an orange triangle",
 ]
-SETTINGS = [("no guidance", dict(cond_scale=1.0), 1), ("guidance 3", dict(cond_scale=3.0), 1),
-            ("guidance 3 + CLIP best of 8", dict(cond_scale=3.0), 8)]
+
+
+def grid_settings(recommended_cond_scale: float) -> list[tuple[str, dict, int]]:
+    """The sample grid's columns: (title, sampling options, rerank), from no guidance to strong guidance."""
+    g = f"{recommended_cond_scale:g}"
+    return [("no guidance", dict(cond_scale=1.0), 1), (f"guidance {g}", dict(cond_scale=recommended_cond_scale), 1),
+            (f"guidance {g} + best of 8", dict(cond_scale=recommended_cond_scale), 8),
+            ("guidance 3", dict(cond_scale=3.0), 1)]
 
 
 def _to_pil(t: torch.Tensor) -> Image.Image:
@@ -32,13 +38,16 @@ def _to_pil(t: torch.Tensor) -> Image.Image:
 
 
 def sample_grid(model, path, prompts=EXAMPLE_PROMPTS, top_k: int = 64, seed: int = 0) -> None:
-    """Rows = prompts, columns = SETTINGS; the prompt is written at the left."""
+    """Rows = prompts, columns = `grid_settings` at the model's recommended guidance; the prompt is written at the
+    left."""
     from ..evaluate import generate
 
+    recommended = model.config["source"].get("recommended_sampling", {}).get("cond_scale", 1.0)
+    settings = grid_settings(float(recommended))
     cell, label_w = 128, 330
-    grid = Image.new("RGB", (label_w + cell * len(SETTINGS), 20 + cell * len(prompts)), "white")
+    grid = Image.new("RGB", (label_w + cell * len(settings), 20 + cell * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)
-    for c, (name, kw, rerank) in enumerate(SETTINGS):
+    for c, (name, kw, rerank) in enumerate(settings):
         draw.text((label_w + c * cell + 4, 4), name[:22], fill=(0, 0, 0))
         images = generate(model, list(prompts), SamplingOptions(top_k=top_k, **kw), rerank=rerank, seed=seed)
         for r, img in enumerate(images):
