@@ -90,6 +90,11 @@ def main(argv=None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="recipe overrides")
     args = parser.parse_args(argv)
 
+    # what the export and the evaluation import, imported now: a missing package (say, on a rented GPU) then stops
+    # the run in its first second rather than after the whole training budget
+    from ..evaluate import main as evaluate
+    from ..manager import pretrained  # noqa: F401
+
     start = time.time()
     deadline = start + args.minutes * 60
     folder = Path(args.folder)
@@ -114,7 +119,6 @@ def main(argv=None) -> None:
     model = trainer.export(folder / "model")
     shutil.copy(folder / "state" / "loss_curves.png", model / "loss_curves.png")
     summary["export_seconds_after_start"] = time.time() - start
-    from ..evaluate import main as evaluate
 
     for name, extra in EVALUATIONS.items():
         t = time.time()
