@@ -29,7 +29,7 @@ def grid_settings(recommended_cond_scale: float) -> list[tuple[str, dict, int]]:
     """The sample grid's columns: (title, sampling options, rerank), from no guidance to strong guidance."""
     g = f"{recommended_cond_scale:g}"
     return [("no guidance", dict(cond_scale=1.0), 1), (f"guidance {g}", dict(cond_scale=recommended_cond_scale), 1),
-            (f"guidance {g} + best of 8", dict(cond_scale=recommended_cond_scale), 8),
+            (f"CLIP best of 8 at {g}", dict(cond_scale=recommended_cond_scale), 8),
             ("guidance 3", dict(cond_scale=3.0), 1)]
 
 
