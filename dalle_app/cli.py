@@ -55,11 +55,18 @@ def _generate(argv):
     _common(parser)
     parser.add_argument("--prompt", required=True)
     _sampling(parser)
-    parser.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    parser.add_argument("--cond-scale", type=float, default=None,
+                        help="classifier-free guidance, 1 = off (default: what the model's config recommends, as in "
+                             "the app: 1.5 for the built-in model; 1 for models that recommend nothing)")
     parser.add_argument("--rerank-keep", type=int, default=0, help="keep CLIP's best M of the -n images")
     args = parser.parse_args(argv)
-    updates = _service(args).text_to_image(args.prompt, args.num, args.temperature, args.top_k, args.cond_scale,
-                                           args.seed, rerank_keep=args.rerank_keep)
+    service = _service(args)
+    if args.cond_scale is None:
+        card = service.load(service.default_reference)
+        recommended = (card.get("source") or {}).get("recommended_sampling") or {}
+        args.cond_scale = float(recommended.get("cond_scale", 1.0))
+    updates = service.text_to_image(args.prompt, args.num, args.temperature, args.top_k, args.cond_scale,
+                                    args.seed, rerank_keep=args.rerank_keep)
     return _report(list(updates)[-1])
 
 
