@@ -62,9 +62,9 @@ def _generate(argv):
     args = parser.parse_args(argv)
     service = _service(args)
     if args.cond_scale is None:
-        card = service.load(service.default_reference)
-        recommended = (card.get("source") or {}).get("recommended_sampling") or {}
-        args.cond_scale = float(recommended.get("cond_scale", 1.0))
+        from .manager import recommended_sampling
+
+        args.cond_scale = recommended_sampling(service.load(service.default_reference))["cond_scale"]
     updates = service.text_to_image(args.prompt, args.num, args.temperature, args.top_k, args.cond_scale,
                                     args.seed, rerank_keep=args.rerank_keep)
     return _report(list(updates)[-1])

@@ -117,15 +117,13 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    from .manager import BUILTIN_MODEL_DIR, ModelManager
+    from .manager import BUILTIN_MODEL_DIR, ModelManager, recommended_sampling
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = ModelManager(device=device).load(args.model or str(BUILTIN_MODEL_DIR), device=device)
-    recommended = model.config["source"].get("recommended_sampling", {})
-    if args.cond_scale is None:
-        args.cond_scale = float(recommended.get("cond_scale", 1.0))
-    if args.top_k is None:
-        args.top_k = int(recommended.get("top_k", 64))
+    recommended = recommended_sampling(model.config)
+    args.cond_scale = recommended["cond_scale"] if args.cond_scale is None else args.cond_scale
+    args.top_k = recommended["top_k"] if args.top_k is None else args.top_k
     captions = heldout_captions(args.n, seed=args.seed)
     options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, cond_scale=args.cond_scale)
     t = time.time()

@@ -10,7 +10,7 @@ from .checkpoints import DalleCheckpoint, VaeCheckpoint, read_checkpoint, safe_t
 from .errors import ModelLoadError
 from .hub import HubFile, HubOptions, hub_download, hub_list_files
 from .manager import LoadedModel, ModelManager, build_model, default_device, default_dtype
-from .pretrained import convert_checkpoint, read_pretrained, save_pretrained, write_pretrained
+from .pretrained import convert_checkpoint, read_pretrained, recommended_sampling, save_pretrained, write_pretrained
 from .references import ModelReference, default_allowed_roots, parse_reference
 from .remap import rotary_table
 from .resolve import FileRecord, ResolvedModel, resolve

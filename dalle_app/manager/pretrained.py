@@ -44,6 +44,13 @@ def _jsonable(value):
     return value
 
 
+def recommended_sampling(config: dict) -> dict:
+    """The sampling a model was trained for, from its config (or a loaded model's info, which carries the same
+    `source`): {"cond_scale": float, "top_k": int}; guidance off and top-k 64 where it recommends nothing."""
+    given = (config.get("source") or {}).get("recommended_sampling") or {}
+    return {"cond_scale": float(given.get("cond_scale", 1.0)), "top_k": int(given.get("top_k", 64))}
+
+
 def is_pretrained_config(config: dict) -> bool:
     """True for a config.json written by this module."""
     return isinstance(config, dict) and config.get("format") == FORMAT_NAME

@@ -42,8 +42,9 @@ def sample_grid(model, path, prompts=EXAMPLE_PROMPTS, top_k: int = 64, seed: int
     left."""
     from ..evaluate import generate
 
-    recommended = model.config["source"].get("recommended_sampling", {}).get("cond_scale", 1.0)
-    settings = grid_settings(float(recommended))
+    from ..manager import recommended_sampling
+
+    settings = grid_settings(recommended_sampling(model.config)["cond_scale"])
     cell, label_w = 128, 330
     grid = Image.new("RGB", (label_w + cell * len(settings), 20 + cell * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)

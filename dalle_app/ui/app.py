@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..manager import recommended_sampling
 from ..service import MAX_IMAGES, RequestError
 from .examples import build_examples, example_prompts
 from .handlers import Handlers, card_markdown, error, run_to_end, stream_updates
@@ -51,14 +52,14 @@ def _final(outputs):
 def _sampling(prefix: str, n_label: str = "Number of images", guidance: bool = True,
               start: dict | None = None) -> dict:
     """The shared sampling controls of a tab (created in the current layout context). `start`: the starting
-    cond_scale / top_k, e.g. a model's `recommended_sampling` (guidance off and top-k 64 otherwise)."""
-    start = start or {}
+    cond_scale / top_k, a model's `recommended_sampling` (default: guidance off and top-k 64)."""
+    start = start or recommended_sampling({})
     c = {"n": gr.Slider(1, MAX_IMAGES, value=4, step=1, label=n_label, elem_id=f"{prefix}-n"),
          "temperature": gr.Slider(0.05, 3.0, value=1.0, step=0.05, label="Temperature"),
-         "top_k": gr.Number(value=int(start.get("top_k", 64)), precision=0, minimum=0, label="Top-k (0 = all)"),
+         "top_k": gr.Number(value=start["top_k"], precision=0, minimum=0, label="Top-k (0 = all)"),
          "top_p": gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (1 = off)", elem_id=f"{prefix}-top-p")}
     if guidance:
-        c["cond_scale"] = gr.Slider(0.0, 10.0, value=float(start.get("cond_scale", 1.0)), step=0.5,
+        c["cond_scale"] = gr.Slider(0.0, 10.0, value=start["cond_scale"], step=0.5,
                                     label="Guidance scale (1 = off)")
     return c
 
@@ -78,7 +79,7 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
     default_ref = service.default_reference
     card = service.load(default_ref)
     side = (card.get("image") or {}).get("fmap_size") or 16
-    recommended = (card.get("source") or {}).get("recommended_sampling") or {}  # the default model's
+    recommended = recommended_sampling(card)  # the default model's
     examples = build_examples(Path(examples_dir or Path(service.output_dir) / "examples"), token_rows=side)
 
     # ------------------------------------------------------------------------------ API endpoints (exact names)
