@@ -41,7 +41,6 @@ def sample_grid(model, path, prompts=EXAMPLE_PROMPTS, top_k: int = 64, seed: int
     """Rows = prompts, columns = `grid_settings` at the model's recommended guidance; the prompt is written at the
     left."""
     from ..evaluate import generate
-
     from ..manager import recommended_sampling
 
     settings = grid_settings(recommended_sampling(model.config)["cond_scale"])
