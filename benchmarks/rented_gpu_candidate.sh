@@ -28,6 +28,8 @@ case "${1:-}" in
     echo "started: $recipe for $minutes minutes, log in $run/log" ;;
   wait)
     seconds=$2 out=${3:-${OUT:-}}
+    # a machine taken back between calls comes back bare: say so at once instead of waiting for nothing
+    [ -f "$run/log" ] || { echo "no run here: this is a fresh machine, the last one was taken back"; exit 3; }
     end=$(( $(date +%s) + seconds ))
     while [ ! -f "$run/finished" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
     tr '\r' '\n' < "$run/log" | grep -v '^\s*$' | tail -20
