@@ -85,7 +85,16 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 
 def sample(logits: torch.Tensor, seeds: torch.Tensor, position, temperature, top_k=None, top_p=None) -> torch.Tensor:
-    """Gumbel-max sample (rows,) from logits (rows, vocab): exact sampling from softmax(filtered logits / T)."""
+    """Gumbel-max sample (rows,) from logits (rows, vocab): exact sampling from softmax(filtered logits / T).
+
+    On CUDA, top-k without top-p runs as one fused kernel (`fused_sample`) that picks the same tokens."""
+    if top_k is not None and top_k < logits.shape[-1] and top_p is None and fused_sample.available(logits):
+        return fused_sample.sample_top_k(logits, seeds, position, temperature, top_k)
+    return sample_plain(logits, seeds, position, temperature, top_k, top_p)
+
+
+def sample_plain(logits: torch.Tensor, seeds: torch.Tensor, position, temperature, top_k=None, top_p=None):
+    """`sample` in plain PyTorch operations, on any device."""
     logits = filter_logits(logits.float(), top_k, top_p)
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, position, logits.shape[-1])))
     return (logits / temperature + gumbel).argmax(dim=-1)
@@ -95,3 +104,6 @@ def guide(logits: torch.Tensor, cond_scale) -> torch.Tensor:
     """Classifier-free guidance on stacked rows [conditional; unconditional]: null + (cond - null) * scale."""
     cond, null = logits.chunk(2, dim=0)
     return null + (cond - null) * cond_scale
+
+
+from . import fused_sample  # noqa: E402  (it reads the noise constants above)
