@@ -427,10 +427,13 @@ def test_a_priming_png_restores_the_priming_controls(service):
     primed = _last(service.prime_image(source, "a blue star", keep_rows=3, num_images=2, temperature=0.8, top_k=16,
                                        cond_scale=1.5, seed=7, box=(0.25, 0.5, 1.0, 1.0))).files[1]
     values = Handlers.restore(primed)
+    assert len(values) == len(Handlers.RESTORED)
     t2i, params, prime, tab = values[:7], values[7], values[8:22], values[22]
     assert all(isinstance(v, type(gr.skip())) for v in t2i) and params["kind"] == "prime_image"
     assert prime == (primed, "a blue star", 3, True, 0.25, 0.5, 1.0, 1.0, 2, 0.8, 16, 1.0, 1.5, 8)
     assert tab.selected == "prime"
+    named = dict(zip(Handlers.RESTORED, values))
+    assert (named["keep_rows"], named["box_top"], named["prime_top_k"], named["prime_seed"]) == (3, 0.5, 16, 8)
     values = Handlers.restore(source)
     assert values[:7] == ("a red circle", 1, 1.0, 64, 1.0, 2.0, 0) and values[7]["kind"] == "text_to_image"
     assert all(isinstance(v, type(gr.skip())) for v in values[8:])

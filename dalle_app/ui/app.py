@@ -266,11 +266,13 @@ def build_demo(service, *, concurrency: int | None = None, examples_dir: str | P
         gallery.select(h.select, None, selected, **quick)
         gallery.change(lambda: None, None, selected, **quick)  # a new generation forgets the old pick
         send_btn.click(h.send_to_priming, [gallery, selected, prompt], [prime_input, prime_prompt, tabs], **quick)
-        png_file.upload(h.restore, png_file,
-                        [prompt, t2i["n"], t2i["temperature"], t2i["top_k"], t2i["top_p"], t2i["cond_scale"], seed,
-                         png_params, prime_input, prime_prompt, keep_rows, use_box, *box, prime["n"],
-                         prime["temperature"], prime["top_k"], prime["top_p"], prime["cond_scale"], prime_seed, tabs],
-                        api_visibility="private")
+        restored = {"prompt": prompt, "parameters": png_params, "prime_image": prime_input,
+                    "prime_prompt": prime_prompt, "keep_rows": keep_rows, "use_box": use_box, "tab": tabs,
+                    **dict(zip(("box_left", "box_top", "box_right", "box_bottom"), box)), "seed": seed,
+                    "prime_seed": prime_seed, "num_images": t2i["n"], "prime_num_images": prime["n"],
+                    **{name: t2i[name] for name in ("temperature", "top_k", "top_p", "cond_scale")},
+                    **{f"prime_{name}": prime[name] for name in ("temperature", "top_k", "top_p", "cond_scale")}}
+        png_file.upload(h.restore, png_file, [restored[name] for name in h.RESTORED], api_visibility="private")
         # loading reads weights: it runs in the queue, but beside the model work, not in its group
         # .input, not .change: Gradio may fire .change once the page mounts, which overwrote a reference typed
         # in the first moments with the default one

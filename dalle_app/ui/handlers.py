@@ -319,25 +319,36 @@ class Handlers:
             raise gr.Error("The gallery is empty; generate images first, then pick one to send.")
         return path, prompt, gr.Tabs(selected="prime")
 
+    # what `restore` fills, in order: the text-to-image controls, the parameters view, the priming controls, the tab
+    RESTORED = ("prompt", "num_images", "temperature", "top_k", "top_p", "cond_scale", "seed", "parameters",
+                "prime_image", "prime_prompt", "keep_rows", "use_box", "box_left", "box_top", "box_right",
+                "box_bottom", "prime_num_images", "prime_temperature", "prime_top_k", "prime_top_p",
+                "prime_cond_scale", "prime_seed", "tab")
+
     @staticmethod
-    def restore(file):
+    def restore(file) -> tuple:
         """Read a PNG's parameters back into the controls of the tab that made it, and show them.
 
-        Returns the text-to-image values (prompt, n, temperature, top_k, top_p, cond_scale, seed), the parameters,
-        the priming values (image, prompt, keep_rows, use_box, left, top, right, bottom, n, temperature, top_k,
-        top_p, cond_scale, seed) and the selected tab; the other tab's values are gr.skip(). A priming PNG becomes
-        the priming input itself: its kept part is the original's as the VAE drew it."""
+        Returns one value per name of `RESTORED`; the other tab's controls get gr.skip(). A priming PNG becomes the
+        priming input itself (its kept part is the original's as the VAE drew it) and selects the priming tab."""
         try:
             p = read_parameters(file)
         except Exception as exc:  # noqa: BLE001
             raise error(exc) from None
         s = p.get("settings", {})
-        sampling = (s.get("num_images", 4), s.get("temperature", 1.0), s.get("top_k") or 0, s.get("top_p") or 1.0,
-                    s.get("cond_scale", 1.0), p.get("seed", -1))
+        sampling = {"num_images": s.get("num_images", 4), "temperature": s.get("temperature", 1.0),
+                    "top_k": s.get("top_k") or 0, "top_p": s.get("top_p") or 1.0,
+                    "cond_scale": s.get("cond_scale", 1.0), "seed": p.get("seed", -1)}
+        values = dict.fromkeys(Handlers.RESTORED, gr.skip())
+        values["parameters"] = p
         if p.get("kind") != "prime_image":
-            return (p.get("prompt", ""), *sampling, p, *[gr.skip()] * 15)  # priming values and tab untouched
-        box = s.get("box")
-        box_values = tuple(box) if box and len(box) == 4 else (gr.skip(),) * 4
-        path = file if isinstance(file, str) else getattr(file, "name", file)
-        return (*[gr.skip()] * 7, p, path, p.get("prompt", ""), s.get("keep_rows", 0), bool(box), *box_values,
-                *sampling, gr.Tabs(selected="prime"))
+            values.update(sampling, prompt=p.get("prompt", ""))
+        else:
+            values.update({f"prime_{name}": value for name, value in sampling.items()})
+            box = s.get("box")
+            if box and len(box) == 4:
+                values.update(zip(("box_left", "box_top", "box_right", "box_bottom"), box))
+            values.update(prime_image=file if isinstance(file, str) else getattr(file, "name", file),
+                          prime_prompt=p.get("prompt", ""), keep_rows=s.get("keep_rows", 0), use_box=bool(box),
+                          tab=gr.Tabs(selected="prime"))
+        return tuple(values[name] for name in Handlers.RESTORED)
