@@ -75,6 +75,7 @@ class Trainer:
             if self.clip else None
         self.phase, self.step, self.clip_step = "vae", 0, 0
         self._fit_ceiling: int | None = None  # the recipe's step count while a budget fit is provisional
+        self._rewarm_from: int | None = None  # the step a DALLE phase resumed at with a fresh optimizer
         self.history: dict[str, list] = {}
         self.seconds = 0.0  # training time summed over all runs
         self.throughput: dict[str, dict] = {}  # this call's speed per phase (steps/s, share spent waiting for data)
@@ -135,6 +136,8 @@ class Trainer:
         self.clip_step = tree.get("clip_step", 0)
         if "opt_dalle" in tree:
             self.opt_dalle.load_state_dict(expand_optimizer(tree["opt_dalle"]))
+        elif self.phase == "dalle" and self.step > 0:
+            self._rewarm_from = self.step  # fresh Adam moments mid-run: warm up again rather than jolt the weights
         if "opt_vae" in tree:
             self.opt_vae.load_state_dict(expand_optimizer(tree["opt_vae"]))
         clip_ok = "clip" in tree and all(torch.isfinite(v).all() for v in tree["clip"].values())
@@ -221,7 +224,7 @@ class Trainer:
     def _dalle_only(self, images, text) -> dict:
         cfg = self.cfg
         for g in self.opt_dalle.param_groups:
-            g["lr"] = lr_at(self.step, cfg.dalle_steps, cfg.dalle_lr, cfg.warmup)
+            g["lr"] = self._dalle_lr()
         self.vae.eval()
         with torch.no_grad(), self._autocast():
             ids = self.vae.get_codebook_indices(images)
@@ -234,6 +237,13 @@ class Trainer:
         self.opt_dalle.step()
         self._last_ids = ids
         return {"dalle": loss.detach()}  # a tensor: read (a device sync) only when logged
+
+    def _dalle_lr(self) -> float:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.dalle_steps, cfg.dalle_lr, cfg.warmup)
+        if self._rewarm_from is not None:
+            lr *= min(1.0, (self.step - self._rewarm_from + 1) / cfg.warmup)
+        return lr
 
     def _eager_dalle_loss(self, text, ids):
         return self.dalle(text, ids, return_loss=True, null_cond_prob=self.cfg.null_cond_prob)
