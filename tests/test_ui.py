@@ -302,6 +302,6 @@ def test_guidance_starts_at_the_default_models_recommendation(service, monkeypat
     from dalle_app.manager import BUILTIN_MODEL_DIR, ModelManager
 
     shipped = json.loads((Path(__file__).parents[1] / "weights/shapes-dalle/config.json").read_text())
-    assert shipped["source"]["recommended_sampling"] == {"cond_scale": 1.5, "top_k": 64}  # trained for guidance
+    assert shipped["source"]["recommended_sampling"] == {"cond_scale": 1.5, "top_k": 16}  # trained for guidance
     loaded = ModelManager(device="cpu").load(str(BUILTIN_MODEL_DIR))  # and loading keeps it for the app's card
-    assert loaded.info()["source"]["recommended_sampling"] == {"cond_scale": 1.5, "top_k": 64}
+    assert loaded.info()["source"]["recommended_sampling"] == {"cond_scale": 1.5, "top_k": 16}

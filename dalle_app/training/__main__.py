@@ -17,8 +17,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dalle_app.training", description=__doc__)
     parser.add_argument("--out", required=True, help="project-format folder written when training is done")
     parser.add_argument("--quick", action="store_true", help="tiny recipe, under a minute on a CPU (= --recipe quick)")
-    parser.add_argument("--recipe", default="v5", choices=sorted(RECIPES),
-                        help="v5: the shipped weights' recipe (default); v1: the weights shipped before; v2-v4: tried "
+    parser.add_argument("--recipe", default="v8", choices=sorted(RECIPES),
+                        help="v8: the shipped weights' recipe (default); v5: the weights shipped before; v1-v4, v6, v7: tried "
                              "and not shipped (see the model card); a resumed run keeps its own")
     parser.add_argument("--resume", default=None, help="checkpoint folder to continue from and save to "
                         "(default: runs/<name of --out>)")

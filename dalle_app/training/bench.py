@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dalle_app.training.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--recipe", default="v5", choices=sorted(RECIPES))
+    parser.add_argument("--recipe", default="v8", choices=sorted(RECIPES))
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default=None)

@@ -1,6 +1,6 @@
 """Train, export, evaluate and pack a candidate built-in model in one wall-clock budget, unattended.
 
-    python -m dalle_app.training.candidate --recipe v5 --minutes 22 --folder runs/v5 [--set NAME=VALUE ...]
+    python -m dalle_app.training.candidate --recipe v8 --minutes 30 --folder runs/v8 [--set NAME=VALUE ...]
 
 Made for a rented GPU whose calls last at most ten minutes: start it in the background (`setsid nohup ... &`) and
 collect the files in later calls. Everything lands under --folder:
@@ -79,7 +79,7 @@ def _train(args, folder: Path, device: torch.device, deadline: float) -> Trainer
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dalle_app.training.candidate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="v5", choices=sorted(RECIPES))
+    parser.add_argument("--recipe", default="v8", choices=sorted(RECIPES))
     parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget for everything")
     parser.add_argument("--folder", required=True)
     parser.add_argument("--reserve-minutes", type=float, default=3.0, help="kept for export and evaluation")

@@ -37,13 +37,15 @@ def _to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray((t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
 
 
-def sample_grid(model, path, prompts=EXAMPLE_PROMPTS, top_k: int = 64, seed: int = 0) -> None:
-    """Rows = prompts, columns = `grid_settings` at the model's recommended guidance; the prompt is written at the
-    left."""
+def sample_grid(model, path, prompts=EXAMPLE_PROMPTS, top_k: int | None = None, seed: int = 0) -> None:
+    """Rows = prompts, columns = `grid_settings` at the model's recommended guidance (and top-k, unless given); the
+    prompt is written at the left."""
     from ..evaluate import generate
     from ..manager import recommended_sampling
 
-    settings = grid_settings(recommended_sampling(model.config)["cond_scale"])
+    recommended = recommended_sampling(model.config)
+    settings = grid_settings(recommended["cond_scale"])
+    top_k = recommended["top_k"] if top_k is None else top_k
     cell, label_w = 128, 330
     grid = Image.new("RGB", (label_w + cell * len(settings), 20 + cell * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)

@@ -149,6 +149,12 @@ def v7_config() -> TrainConfig:
     return replace(v6_config(), vae_edge_loss_weight=12.0, vae_steps=9000, dalle_steps=32000, dalle_compile=True)
 
 
+def v8_config() -> TrainConfig:
+    """The shipped weights (sessions 11-12): v7 with the step counts its budget fit gave on an H200 (a 4-minute VAE
+    of 8,468 steps, then 22,971 compiled DALLE steps) and CLIP on the first 1,600 DALLE batches."""
+    return replace(v7_config(), vae_steps=8468, dalle_steps=22971, clip_steps=1600)
+
+
 def quick_config() -> TrainConfig:
     """A tiny recipe that trains in well under a minute on two CPU cores (32 px images, 8x8 tokens)."""
     return TrainConfig(
@@ -165,4 +171,4 @@ def quick_config() -> TrainConfig:
 
 
 RECIPES = {"v1": v1_config, "v2": v2_config, "v3": v3_config, "v4": v4_config, "v5": v5_config, "v6": v6_config,
-           "v7": v7_config, "quick": quick_config}
+           "v7": v7_config, "v8": v8_config, "quick": quick_config}
