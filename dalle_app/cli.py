@@ -28,7 +28,9 @@ def _common(parser: argparse.ArgumentParser, out: bool = True) -> None:
 def _sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--num", type=int, default=4, help="how many")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=64, help="0 = no limit")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="0 = no limit (default: what the model's config recommends, else 64; 16 for the "
+                             "built-in model)")
     parser.add_argument("--seed", type=int, default=-1, help="seed of the first one; the others get seed+1, ...")
 
 
@@ -61,10 +63,12 @@ def _generate(argv):
     parser.add_argument("--rerank-keep", type=int, default=0, help="keep CLIP's best M of the -n images")
     args = parser.parse_args(argv)
     service = _service(args)
-    if args.cond_scale is None:
+    if args.cond_scale is None or args.top_k is None:
         from .manager import recommended_sampling
 
-        args.cond_scale = recommended_sampling(service.load(service.default_reference))["cond_scale"]
+        recommended = recommended_sampling(service.load(service.default_reference))
+        args.cond_scale = recommended["cond_scale"] if args.cond_scale is None else args.cond_scale
+        args.top_k = recommended["top_k"] if args.top_k is None else args.top_k
     updates = service.text_to_image(args.prompt, args.num, args.temperature, args.top_k, args.cond_scale,
                                     args.seed, rerank_keep=args.rerank_keep)
     return _report(list(updates)[-1])
@@ -87,7 +91,8 @@ def _complete(argv):
     args = parser.parse_args(argv)
     args.out = None
     service = _service(args)
-    last = list(service.complete_text(args.prompt, args.num, args.temperature, args.top_k, args.seed))[-1]
+    last = list(service.complete_text(args.prompt, args.num, args.temperature,
+                                        64 if args.top_k is None else args.top_k, args.seed))[-1]
     shutil.rmtree(service.output_dir, ignore_errors=True)  # no files for text
     print("\n".join(last.texts))
     print(json.dumps(last.info), file=sys.stderr)

@@ -63,21 +63,23 @@ def test_reconstruct_of_a_missing_picture_fails_in_one_sentence(model, tmp_path,
     assert stderr.strip().count("\n") == 0 and "Traceback" not in stderr
 
 
-def test_generate_uses_the_models_recommended_guidance_unless_told(model, tmp_path, capsys):
+def test_generate_uses_the_models_recommended_sampling_unless_told(model, tmp_path, capsys):
     config_file = model / "config.json"
     original = config_file.read_text()
     config = json.loads(original)
-    config.setdefault("source", {})["recommended_sampling"] = {"cond_scale": 2.5, "top_k": 64}
+    config.setdefault("source", {})["recommended_sampling"] = {"cond_scale": 2.5, "top_k": 24}
     config_file.write_text(json.dumps(config))
     try:
         common = ["generate", "--model", str(model), "--prompt", "a red circle", "-n", "1", "--seed", "3",
                   "--out", str(tmp_path / "outputs"), *DEVICE]
         code, stdout, stderr = _run(capsys, *common)
         assert code == 0, stderr
-        assert read_parameters(stdout.split()[0])["settings"]["cond_scale"] == 2.5
-        code, stdout, stderr = _run(capsys, *common, "--cond-scale", "1")
+        settings = read_parameters(stdout.split()[0])["settings"]
+        assert (settings["cond_scale"], settings["top_k"]) == (2.5, 24)
+        code, stdout, stderr = _run(capsys, *common, "--cond-scale", "1", "--top-k", "7")
         assert code == 0, stderr
-        assert read_parameters(stdout.split()[0])["settings"]["cond_scale"] == 1.0
+        settings = read_parameters(stdout.split()[0])["settings"]
+        assert (settings["cond_scale"], settings["top_k"]) == (1.0, 7)
     finally:
         config_file.write_text(original)  # the module's other tests share this model
 
