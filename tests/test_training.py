@@ -53,14 +53,34 @@ def test_recipe_overrides_and_resumed_runs_keep_their_recipe(tmp_path):
     assert again.cfg.dalle_steps == 12 and again.vae.hidden_dim == 8 and again.cfg.clip_steps == 7
 
 
+def test_a_dalle_phase_resumed_with_fresh_optimizers_warms_its_learning_rate_up_again(tmp_path):
+    from dalle_app.training.train import lr_at
+
+    trainer = Trainer(quick_config(), tmp_path / "full", torch.device("cpu"), overrides=["num_workers=0"])
+    trainer.phase, trainer.step = "dalle", 50
+    trainer.save()  # with its optimizers: the schedule goes on as it was
+    trainer.save_weights(tmp_path / "weights_only")
+    cfg = trainer.cfg
+    plain = lr_at(50, cfg.dalle_steps, cfg.dalle_lr, cfg.warmup)
+    assert Trainer(quick_config(), tmp_path / "full", torch.device("cpu"))._dalle_lr() == pytest.approx(plain)
+    fresh = Trainer(quick_config(), tmp_path / "weights_only", torch.device("cpu"))
+    assert fresh.step == 50 and fresh._dalle_lr() == pytest.approx(plain / cfg.warmup)
+    fresh.step = 50 + cfg.warmup - 1
+    assert fresh._dalle_lr() == pytest.approx(lr_at(fresh.step, cfg.dalle_steps, cfg.dalle_lr, cfg.warmup))
+
+
 def test_default_recipe_is_the_one_of_the_shipped_weights():
     import json
     from pathlib import Path
 
     from dalle_app.training import TrainConfig
 
+    from dalle_app.training.config import RECIPES
+
     shipped = json.loads((Path(__file__).parents[1] / "weights/shapes-dalle/config.json").read_text())
-    cfg = TrainConfig()
+    cfg = RECIPES["v8"]()
+    assert {k: getattr(cfg, k) for k in ("dalle_steps", "vae_steps")} == {"dalle_steps": 22971, "vae_steps": 8468}
+    assert TrainConfig().vae == cfg.vae
     assert {k: shipped["vae"]["params"][k] for k in cfg.vae} == cfg.vae
     assert all(shipped["dalle"][k] == (list(v) if isinstance(v, tuple) else v) for k, v in cfg.dalle.items())
     assert {k: shipped["clip"]["params"][k] for k in cfg.clip} == cfg.clip
