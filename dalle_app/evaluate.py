@@ -21,28 +21,41 @@ from .world import (ShapesDataset, fidelity_table, format_fidelity_table, heldou
                     image_to_tensor, render)
 
 
+def candidate_batches(model, captions: list[str], options: SamplingOptions, of: int = 1, batch: int = 256,
+                      seed: int = 0):
+    """Yield (text rows, decoded images) chunks of `of` samples per caption, in caption order: text (b, T) ids and
+    images (b, 3, S, S) in the VAE's output space. Row r has seed `seed * 1_000_003 + r`, so a caption's
+    candidates are the same whatever the batch."""
+    text = model.tokenizer.tokenize(captions, model.dalle.text_seq_len, truncate_text=True)
+    rows = text.repeat_interleave(of, dim=0)
+    for i in range(0, rows.shape[0], batch):
+        chunk = rows[i:i + batch]
+        seeds = [seed * 1_000_003 + i + j for j in range(chunk.shape[0])]
+        ids = generate_image_tokens(model.dalle, chunk, options, seeds=seeds).image_ids
+        yield chunk, model.vae.decode(ids)
+
+
+def clip_scores(clip, text: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+    """CLIP score (b,) of each decoded image (b, 3, S, S) against its text row (b, T)."""
+    device = clip.temperature.device
+    text = text.to(device)
+    return clip(text, decoded.clamp(-1, 1).to(device, clip.temperature.dtype), text_mask=text != 0).float()
+
+
 @torch.no_grad()
 def generate(model, captions: list[str], options: SamplingOptions, rerank: int = 1, batch: int = 256,
              seed: int = 0) -> list[torch.Tensor]:
     """One image per caption ([0, 1], (3, S, S), CPU); with rerank > 1 the best of `rerank` by CLIP score."""
-    dalle, vae, clip = model.dalle, model.vae, model.clip
-    if rerank > 1 and clip is None:
+    if rerank > 1 and model.clip is None:
         raise ValueError("--rerank needs a model with a CLIP; this one has none.")
-    text = model.tokenizer.tokenize(captions, dalle.text_seq_len, truncate_text=True)
-    rows = text.repeat_interleave(rerank, dim=0)
+    batch -= batch % rerank  # whole groups of candidates per chunk
     out = []
-    for i in range(0, rows.shape[0], batch):
-        chunk = rows[i:i + batch]
-        seeds = [seed * 1_000_003 + i + j for j in range(chunk.shape[0])]
-        ids = generate_image_tokens(dalle, chunk, options, seeds=seeds).image_ids
-        decoded = vae.decode(ids)
+    for text, decoded in candidate_batches(model, captions, options, of=rerank, batch=batch, seed=seed):
         if rerank > 1:
-            scores = clip(chunk.to(decoded.device), decoded.clamp(-1, 1).to(next(clip.parameters()).dtype),
-                          text_mask=chunk.to(decoded.device) != 0).float()
             groups = decoded.view(-1, rerank, *decoded.shape[1:])
-            best = scores.view(-1, rerank).argmax(dim=1)
-            decoded = groups[torch.arange(groups.shape[0]), best]
-        out.extend(vae.to_unit_range(decoded.float()).cpu())
+            best = clip_scores(model.clip, text, decoded).view(-1, rerank).argmax(dim=1)
+            decoded = groups[torch.arange(groups.shape[0]), best.to(groups.device)]
+        out.extend(model.vae.to_unit_range(decoded.float()).cpu())
     return out
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from . import remap
@@ -135,6 +136,27 @@ def save_pretrained(folder: str | Path, dalle=None, clip=None, tokenizer_file: s
         source=config.get("source"),
         card=card,
     )
+
+
+def replace_clip(folder: str | Path, out: str | Path, clip, source_update: dict | None = None) -> Path:
+    """Write `clip`'s weights as the CLIP of the project-format model in `folder`, into `out` (a copy of `folder`
+    unless it is the same), in the dtype the folder stores (its source's `stored_dtype`, else float32); record
+    `source_update` in the config's `source`. The networks' other files are left as they are."""
+    folder, out = Path(folder), Path(out)
+    if folder.resolve() != out.resolve():
+        shutil.copytree(folder, out, dirs_exist_ok=True)
+    config = json.loads((out / CONFIG_FILE).read_text())
+    if not config.get("clip"):
+        raise ValueError(f"{folder} has no CLIP to replace.")
+    dtype = getattr(torch, (config.get("source") or {}).get("stored_dtype", "float32"))
+    aliases = _save_tensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in clip.state_dict().items()},
+                            out / config["clip"]["file"])
+    config.setdefault("tied", {}).pop("clip", None)
+    if aliases:
+        config["tied"]["clip"] = aliases
+    config["source"] = {**(config.get("source") or {}), **_jsonable(source_update or {})}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out
 
 
 def read_pretrained(folder: str | Path, fetch=None) -> tuple[dict, DalleCheckpoint, dict | None]:

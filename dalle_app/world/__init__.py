@@ -11,7 +11,7 @@ See scene.py, render.py, captions.py, dataset.py and judge.py for the rules of t
 ``python -m dalle_app.world --help`` for a sample grid, speed and judge-accuracy measurements.
 """
 
-from .captions import CaptionSpec, ObjSpec, caption, caption_vocabulary, parse_caption
+from .captions import CONTRADICTIONS, CaptionSpec, ObjSpec, caption, caption_vocabulary, contradicting_captions, parse_caption
 from .dataset import ShapesBatches, ShapesDataset, heldout_captions, heldout_scenes, image_to_tensor, sample_pair
 from .judge import (ATTRIBUTES, ObjReading, Reading, fidelity_table, format_fidelity_table, measure_judge_accuracy,
                     read_image, score)
@@ -19,9 +19,9 @@ from .render import place, render, render_with_boxes, shape_mask
 from .scene import COLORS, IMAGE_SIZE, POSITIONS, RELATIONS, SHAPES, SIZES, Obj, Scene, sample_scene
 
 __all__ = [
-    "ATTRIBUTES", "COLORS", "IMAGE_SIZE", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
+    "ATTRIBUTES", "COLORS", "CONTRADICTIONS", "IMAGE_SIZE", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
     "CaptionSpec", "Obj", "ObjReading", "ObjSpec", "Reading", "Scene", "ShapesBatches", "ShapesDataset",
-    "caption", "caption_vocabulary", "fidelity_table", "format_fidelity_table", "heldout_captions", "heldout_scenes",
+    "caption", "caption_vocabulary", "contradicting_captions", "fidelity_table", "format_fidelity_table", "heldout_captions", "heldout_scenes",
     "image_to_tensor", "measure_judge_accuracy", "parse_caption", "place", "read_image", "render",
     "render_with_boxes", "sample_pair", "sample_scene", "score", "shape_mask",
 ]

@@ -22,6 +22,7 @@ Public API::
     CaptionSpec(background, objects, relation)  # objects: tuple of ObjSpec(shape, color, size, position)
     CaptionSpec.from_scene(scene)               # everything about a scene, as if a caption said it all
     caption_vocabulary() -> list[str]           # every word a caption may use
+    contradicting_captions(scene, text, rng)    # {kind: a caption false of scene by one change}: hard negatives
 """
 
 from __future__ import annotations
@@ -154,6 +155,49 @@ def caption(scene: Scene, rng: random.Random) -> str:
         with_position = rng.random() < P_POSITION
         body = f"{_object_phrase(first, rng, with_position)} and {_object_phrase(second, rng, with_position)}"
     return _with_background(body, background, rng)
+
+
+_OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "above": "below", "below": "above"}
+CONTRADICTIONS = ("shape", "color", "size", "position", "dropped object")
+
+
+def _swap_word(text: str, choices: tuple[str, ...], rng: random.Random) -> str | None:
+    """Replace one word of `text` that is in `choices` by one that `text` does not use (None: nothing to swap)."""
+    used = [w for w in choices if re.search(rf"\b{w}\b", text)]
+    unused = [w for w in choices if w not in used]
+    if not used or not unused:
+        return None
+    return re.sub(rf"\b{rng.choice(used)}\b", rng.choice(unused), text, count=1)
+
+
+def _fix_articles(text: str) -> str:
+    text = re.sub(r"\ban ([^aeiou\W])", r"a \1", text)
+    return re.sub(r"\ba ([aeiou])", r"an \1", text)
+
+
+def contradicting_captions(scene: Scene, text: str, rng: random.Random) -> dict[str, str]:
+    """Captions that differ from `text` (a caption of `scene`) in one thing and are false of `scene`.
+
+    Keys are CONTRADICTIONS: one shape, colour or size word replaced by another, one side word flipped (left /
+    right, top / bottom, above / below), or, for two objects, a caption of one of them alone (captions always
+    name every object). A kind the caption gives no hold for (no size mentioned, say) is left out. These are the
+    hard negatives that teach a CLIP what in-batch negatives rarely show it: which shape, not just which colour.
+    """
+    out = {}
+    for kind, words in (("shape", SHAPES), ("color", COLORS), ("size", SIZES), ("position", tuple(_OPPOSITE))):
+        if kind == "position":
+            flips = [w for w in _OPPOSITE if re.search(rf"\b{w}\b", text)]
+            changed = re.sub(rf"\b{rng.choice(flips)}\b", lambda m: _OPPOSITE[m.group(0)], text, count=1) \
+                if flips else None
+        else:
+            changed = _swap_word(text, words, rng)
+        if changed is not None:
+            out[kind] = _fix_articles(changed)
+    if len(scene.objects) == 2:
+        alone = Scene(scene.background, (rng.choice(scene.objects),))
+        out["dropped object"] = caption(alone, rng)
+    # a swap can land on what the scene really has (the other object's colour, say): keep only false captions
+    return {kind: t for kind, t in out.items() if not parse_caption(t).matches(scene)}
 
 
 def caption_vocabulary() -> list[str]:
