@@ -54,6 +54,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--candidates", default=None, metavar="FILE",
+                    help="keep the candidates in FILE (float32, ~0.8 GB for 500 x 8): generated and written when it is missing, "
+                         "read back otherwise, so that another CLIP can be compared without generating again")
     args = ap.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,7 +66,14 @@ def main(argv=None) -> None:
     options = SamplingOptions(top_k=rec["top_k"], cond_scale=rec["cond_scale"])
     captions = heldout_captions(args.n, seed=args.seed)
     start = time.time()
-    decoded = candidates(model, captions, args.of, options, batch=args.batch)
+    if args.candidates and Path(args.candidates).exists():
+        decoded = torch.load(args.candidates, weights_only=True)  # our own file, tensors only
+        if decoded.shape[:2] != (args.n, args.of):
+            raise SystemExit(f"{args.candidates} holds {tuple(decoded.shape[:2])} candidates, not ({args.n}, {args.of}).")
+    else:
+        decoded = candidates(model, captions, args.of, options, batch=args.batch)
+        if args.candidates:
+            torch.save(decoded, args.candidates)
     gen_s = time.time() - start
     images = model.vae.to_unit_range(decoded)  # (n, of, 3, S, S) in [0, 1]
     columns = {"first": torch.zeros(args.n, dtype=torch.long)}

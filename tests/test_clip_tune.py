@@ -86,7 +86,7 @@ def test_the_command_writes_the_tuned_clip_in_the_stored_dtype_and_leaves_the_re
     main(["--model", str(folder), "--out", str(out), "--steps", "3", "--batch", "8", "--probe-n", "20",
           "--device", "cpu"])
     config = json.loads((out / "config.json").read_text())
-    record = config["source"]["clip_hard_negative_tuning"]
+    (record,) = config["source"]["clip_hard_negative_tuning"]
     assert record["steps"] == 3 and set(record["probe_after"]) <= set(CONTRADICTIONS)
     assert (out / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
     original, tuned = load_file(str(folder / "clip.safetensors")), load_file(str(out / "clip.safetensors"))
@@ -95,6 +95,10 @@ def test_the_command_writes_the_tuned_clip_in_the_stored_dtype_and_leaves_the_re
     reloaded = ModelManager(device="cpu").load(str(out))
     for k, v in reloaded.clip.state_dict().items():
         torch.testing.assert_close(v.float(), tuned[k].float())
+    # a second run, in place, is recorded after the first and trains on other scenes
+    main(["--model", str(out), "--steps", "2", "--batch", "8", "--probe-n", "20", "--device", "cpu"])
+    rounds = json.loads((out / "config.json").read_text())["source"]["clip_hard_negative_tuning"]
+    assert [r["steps"] for r in rounds] == [3, 2] and [r["seed"] for r in rounds] == [0, 1]
 
 
 def test_reranking_returns_each_captions_best_candidate_by_clip_whatever_the_batch(tiny):

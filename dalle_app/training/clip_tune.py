@@ -15,9 +15,11 @@ objects left out) as extra negatives. The images are fresh renders in the VAE's 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +165,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="the schedule's length (stops early at --minutes)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the training scenes' stream (default: the number of earlier tuning runs recorded in "
+                             "the model's config, so that another run sees new scenes)")
     parser.add_argument("--probe-n", type=int, default=400)
     parser.add_argument("--probe-only", action="store_true", help="measure the CLIP, train nothing")
     parser.add_argument("--device", default=None)
@@ -180,15 +185,20 @@ def main(argv=None) -> None:
     print("before:", format_probe(before))
     if args.probe_only:
         return
+    stored = json.loads((Path(args.model) / "config.json").read_text()).get("source") or {}
+    rounds = stored.get("clip_hard_negative_tuning") or []
+    rounds = [rounds] if isinstance(rounds, dict) else list(rounds)  # one entry per tuning run, oldest first
+    seed = len(rounds) if args.seed is None else args.seed
     with torch.enable_grad():
         run = tune_clip(model.clip, model.tokenizer, model.vae, seq, seconds=args.minutes * 60, steps=args.steps,
-                        batch_size=args.batch, lr=args.lr)
+                        batch_size=args.batch, lr=args.lr, seed=seed)
     after = probe(model.clip, model.tokenizer, model.vae, seq, n=args.probe_n)
     print("after: ", format_probe(after))
-    record = {"steps": run["steps"], "batch": args.batch, "lr": args.lr, "seconds": run["seconds"],
-              "device": str(device), "probe_before": before, "probe_after": after,
+    record = {"steps": run["steps"], "batch": args.batch, "lr": args.lr, "seed": seed, "seconds": run["seconds"],
+              "device": str(device), "logit_scale": round(run["logit_scale"], 2), "probe_before": before,
+              "probe_after": after,
               "final_loss": sum(run["losses"][-20:]) / max(1, len(run["losses"][-20:]))}
-    folder = replace_clip(args.model, args.out or args.model, model.clip, {"clip_hard_negative_tuning": record})
+    folder = replace_clip(args.model, args.out or args.model, model.clip, {"clip_hard_negative_tuning": rounds + [record]})
     print(f"wrote {folder}: {run['steps']} steps in {run['seconds']} s")
 
 
