@@ -294,9 +294,10 @@ def test_small_request_is_not_starved_by_a_large_one_and_results_do_not_change(s
     (big_last, big_s, big_end), (small_last, small_s, small_end) = done["big"], done["small"]
     print(f"\n[fairness] big 16 images {big_s:.2f} s; small 1 image submitted 0.1 s later: {small_s:.2f} s "
           f"(alone {small_alone.info['seconds']:.2f} s)")
-    # Served first-come-first-served, the small request would wait for the whole big one (~5x its time alone);
-    # sharing the worker turn by turn with one other request costs it about twice its time alone.
-    assert small_end < big_end and small_s < 3 * small_alone.info["seconds"]
+    # Served first-come-first-served, the small request would finish after the big one and take longer than it
+    # (it would wait for all of it); sharing the worker turn by turn it took 0.38-0.50 of the big one's time
+    # (2.3-3.1x its time alone, depending on the machine).
+    assert small_end < big_end and small_s < 0.75 * big_s
     assert _pixels(big_last) == _pixels(big_alone) and _pixels(small_last) == _pixels(small_alone)
     assert big_last.info["seeds"] == list(range(100, 116)) and small_last.info["seeds"] == [7]
 
