@@ -4,8 +4,8 @@
     python -m dalle_app.training.clip_tune --model weights/shapes-dalle --probe-only     # measure, change nothing
 
 A CLIP trained with in-batch negatives only learns what tells random captions apart, which is mostly colour: the
-built-in v8 CLIP preferred a true caption over the same caption with one shape word changed only 66% of the time
-(98% for a changed colour), so best-of-8 reranking could not raise shape accuracy. Here every image in a batch also
+built-in v8 CLIP preferred a true caption over the same caption with one shape word changed only 62% of the time
+(97% for a changed colour), so best-of-8 reranking could not raise shape accuracy. Here every image in a batch also
 meets its `contradicting_captions` (the caption with one shape, colour, size or side word changed, or one of two
 objects left out) as extra negatives. The images are fresh renders in the VAE's input space (reconstructions at
 ~39 dB PSNR look the same to a CLIP, and rendering costs nothing on a CPU while decoding costs 70 ms an image);
@@ -92,16 +92,20 @@ def probe(clip, tokenizer, vae, text_seq_len: int, n: int = 400, seed: int = 3, 
     pairs = heldout_scenes(n, seed=seed)
     for i in range(0, n, batch):
         chunk = pairs[i:i + batch]
-        images = render_images([scene for scene, _ in chunk], rng, vae.image_size).to(device)
+        vae_dtype = next(vae.parameters()).dtype
+        images = render_images([scene for scene, _ in chunk], rng, vae.image_size).to(device, vae_dtype)
         decoded = vae.decode(vae.get_codebook_indices(images)).float().clamp(-1, 1) if reconstruct else vae.norm(images)
         if decoded.shape[-1] != clip.image_size:
             decoded = F.interpolate(decoded, size=(clip.image_size, clip.image_size), mode="area")
         visual = clip.encode_image(decoded.to(clip.temperature.dtype))
         true = (encode_texts(clip, tokenizer, [t for _, t in chunk], text_seq_len) * visual).sum(-1)
-        for j, (scene, text) in enumerate(chunk):
-            for kind, wrong in contradicting_captions(scene, text, rng).items():
-                score = (encode_texts(clip, tokenizer, [wrong], text_seq_len)[0] * visual[j]).sum()
-                wins[kind].append(bool(true[j] > score))
+        # (image index, kind, contradicting caption) for the whole chunk, encoded in one call
+        wrong = [(j, kind, t) for j, (scene, text) in enumerate(chunk)
+                 for kind, t in contradicting_captions(scene, text, rng).items()]
+        index = torch.tensor([j for j, _, _ in wrong], device=device)
+        scores = (encode_texts(clip, tokenizer, [t for _, _, t in wrong], text_seq_len) * visual[index]).sum(-1)
+        for (j, kind, _), score in zip(wrong, scores):
+            wins[kind].append(bool(true[j] > score))
     clip.train(was_training)
     return {kind: (sum(w) / len(w), len(w)) for kind, w in wins.items() if w}
 

@@ -184,15 +184,13 @@ def contradicting_captions(scene: Scene, text: str, rng: random.Random) -> dict[
     hard negatives that teach a CLIP what in-batch negatives rarely show it: which shape, not just which colour.
     """
     out = {}
-    for kind, words in (("shape", SHAPES), ("color", COLORS), ("size", SIZES), ("position", tuple(_OPPOSITE))):
-        if kind == "position":
-            flips = [w for w in _OPPOSITE if re.search(rf"\b{w}\b", text)]
-            changed = re.sub(rf"\b{rng.choice(flips)}\b", lambda m: _OPPOSITE[m.group(0)], text, count=1) \
-                if flips else None
-        else:
-            changed = _swap_word(text, words, rng)
+    for kind, words in (("shape", SHAPES), ("color", COLORS), ("size", SIZES)):
+        changed = _swap_word(text, words, rng)
         if changed is not None:
             out[kind] = _fix_articles(changed)
+    flips = [w for w in _OPPOSITE if re.search(rf"\b{w}\b", text)]
+    if flips:
+        out["position"] = re.sub(rf"\b{rng.choice(flips)}\b", lambda m: _OPPOSITE[m.group(0)], text, count=1)
     if len(scene.objects) == 2:
         alone = Scene(scene.background, (rng.choice(scene.objects),))
         out["dropped object"] = caption(alone, rng)
