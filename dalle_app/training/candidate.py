@@ -57,9 +57,33 @@ def pack(files: list[Path], base: Path, out_dir: Path, part_mib: float) -> list[
     return parts
 
 
+def seed_from_model(model_dir: Path, folder: Path, recipe: str, at_step: int, overrides: list[str] = ()) -> None:
+    """Write `folder`/weights as a DALLE-phase checkpoint at step `at_step` that holds the networks of the exported
+    project-format model in `model_dir`, so that `--resume-weights` trains that model further (fresh optimizers,
+    the learning rate warmed up again). CLIP counts as trained: it is carried over as it is."""
+    from ..manager.pretrained import read_pretrained
+
+    config, checkpoint, clip_weights = read_pretrained(model_dir)
+    scratch = folder / "seed_scratch"  # an empty state folder: the Trainer must not resume from anything
+    shutil.rmtree(scratch, ignore_errors=True)
+    trainer = Trainer(RECIPES[recipe](), scratch, torch.device("cpu"), overrides=list(overrides))
+    if at_step >= trainer.cfg.dalle_steps:
+        raise ValueError(f"--at-step {at_step} is not below the recipe's {trainer.cfg.dalle_steps} DALLE steps; "
+                         f"pick a recipe (or --set dalle_steps=N) that trains further.")
+    trainer.dalle.load_state_dict(checkpoint.state_dict)  # the DALLE's keys and the VAE's (vae.*)
+    if clip_weights is not None and trainer.clip is not None:
+        trainer.clip.load_state_dict(clip_weights)
+    trainer.phase, trainer.step, trainer.clip_step = "dalle", at_step, trainer.cfg.clip_steps
+    trainer.seconds = float((config.get("source") or {}).get("train_seconds", 0))
+    trainer.save_weights(folder / "weights")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _train(args, folder: Path, device: torch.device, deadline: float) -> Trainer:
     overrides = list(args.set)
     state = folder / "state"
+    if args.from_model and not (folder / "weights").exists():
+        seed_from_model(Path(args.from_model), folder, args.recipe, args.at_step, overrides)
     if args.resume_weights and not state.exists():
         shutil.copytree(folder / "weights", state)  # models only: training continues with fresh optimizers
     trainer = Trainer(RECIPES[args.recipe](), state, device, shard_mib=args.shard_mib, overrides=overrides)
@@ -87,8 +111,15 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-n", type=int, default=500)
     parser.add_argument("--device", default=None)
     parser.add_argument("--resume-weights", action="store_true", help="continue from weights/ (fresh optimizers)")
+    parser.add_argument("--from-model", default=None, metavar="DIR",
+                        help="train an exported model further: its networks seed weights/ (implies --resume-weights)")
+    parser.add_argument("--at-step", type=int, default=None, help="with --from-model: the DALLE step it stopped at")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="recipe overrides")
     args = parser.parse_args(argv)
+    if args.from_model:
+        if args.at_step is None:
+            parser.error("--from-model needs --at-step, the DALLE step at which that model's training stopped.")
+        args.resume_weights = True
 
     # what the export and the evaluation import, imported now: a missing package (say, on a rented GPU) then stops
     # the run in its first second rather than after the whole training budget

@@ -155,6 +155,13 @@ def v8_config() -> TrainConfig:
     return replace(v7_config(), vae_steps=8468, dalle_steps=22971, clip_steps=1600)
 
 
+def v9_config() -> TrainConfig:
+    """v8 trained further (session 14): its DALLE continued from step 22,971 of the shipped weights
+    (`candidate --from-model weights/shapes-dalle`) on a cosine schedule stretched to at most 35,000 steps, the count
+    fitted to the time a GPU call leaves; the VAE and the hard-negative-tuned CLIP are kept as they are."""
+    return replace(v8_config(), dalle_steps=35000)
+
+
 def quick_config() -> TrainConfig:
     """A tiny recipe that trains in well under a minute on two CPU cores (32 px images, 8x8 tokens)."""
     return TrainConfig(
@@ -171,4 +178,4 @@ def quick_config() -> TrainConfig:
 
 
 RECIPES = {"v1": v1_config, "v2": v2_config, "v3": v3_config, "v4": v4_config, "v5": v5_config, "v6": v6_config,
-           "v7": v7_config, "v8": v8_config, "quick": quick_config}
+           "v7": v7_config, "v8": v8_config, "v9": v9_config, "quick": quick_config}
