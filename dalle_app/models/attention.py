@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decode_kernels
 from .packed_linear import Linear
 
 ATTENTION_TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
@@ -172,6 +173,11 @@ class Attention(nn.Module):
         values; the call then attends to the cached keys 0..start+n-1 (or to the whole buffer, masked, when start
         is a tensor).
         """
+        if decode_kernels.available(x, kv_cache, start, mask):  # one decoding step in one kernel
+            cos, sin = (rotary.cos, rotary.sin) if rotary is not None else (None, None)
+            out = decode_kernels.decode_attention(self.to_qkv(x), kv_cache, start, mask, cos, sin, self.heads,
+                                                  self.dim_head)
+            return self.dropout(self.to_out(out))
         qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head))  # (b, n, 3, heads, dim_head)
         if rotary is not None:  # DALLE-pytorch rotates q, k and v alike
             qkv = rotary.apply(qkv)
