@@ -81,7 +81,8 @@ if triton is not None:
             k = k * cos + tl.load(k_ptr + pair, mask=in_pair, other=0.0).to(tl.float32) * sin
             v = v * cos + tl.load(v_ptr + pair, mask=in_pair, other=0.0).to(tl.float32) * sin
         # rounded to the tensors' dtypes, as the unfused path stores and reads them
-        q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32) * scale
+        # (inductor passes a float argument as float64: every loop-carried value is cast back to float32)
+        q = (q.to(qkv_ptr.dtype.element_ty).to(tl.float32) * scale).to(tl.float32)
         k_new = k.to(kv_ptr.dtype.element_ty)
         v_new = v.to(kv_ptr.dtype.element_ty)
 
@@ -109,11 +110,11 @@ if triton is not None:
             keys = tl.where(fresh[:, None], k[None, :], keys)
             values = tl.where(fresh[:, None], v[None, :], values)
             scores = tl.where(allowed, tl.sum(keys * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0)).to(tl.float32)
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(scores - m_new)
-            acc = acc * alpha + tl.sum(p[:, None] * values, axis=0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = (acc * alpha + tl.sum(p[:, None] * values, axis=0)).to(tl.float32)
+            l_i = (l_i * alpha + tl.sum(p, axis=0)).to(tl.float32)
             m_i = m_new
         out = acc / l_i
         tl.store(out_ptr + b * out_stride_b + h * DIM + d, out.to(out_ptr.dtype.element_ty), mask=in_d)
