@@ -242,6 +242,13 @@ class Transformer(nn.Module):
             if cache is None:
                 return shift_tokens(F.pad(h, (0, 0, 0, 1)), index)
             history = cache.shifted[2 * layer + branch]
+            if torch.is_tensor(start):
+                # one token of a captured step: its neighbours are earlier tokens, already in the history, and its
+                # own channels come from h, so the gather does not wait for the write (torch.compile then fuses
+                # norm, shift and write into one kernel)
+                shifted = torch.where(index == start, h, shift_tokens(history, index))
+                write_history(history, h, start)
+                return shifted
             write_history(history, h, start)
             return shift_tokens(history, index)
 
