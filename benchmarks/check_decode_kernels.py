@@ -2,7 +2,7 @@
 
     python benchmarks/check_decode_kernels.py                      # community shape, 1 image, guided (2 rows)
     python benchmarks/check_decode_kernels.py --modes graph --images 8
-    DALLE_APP_DECODE_KERNELS=0 python benchmarks/generate.py ...   # any other benchmark without the kernel
+    DALLE_APP_DECODE_KERNELS=1 python benchmarks/generate.py ...   # any other benchmark with the kernel (opt-in)
 
 Random weights (`build` of benchmarks/generate.py). For each step mode (`graph`: the eager step captured in a CUDA
 graph, as `generate_image_tokens` runs it by default; `compile`: torch.compile'd first, as with compile_step=True)

@@ -27,7 +27,8 @@ def _common(parser: argparse.ArgumentParser, out: bool = True) -> None:
 
 def _sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--num", type=int, default=4, help="how many")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="default: what the model's config recommends for images, else 1; 1 for text")
     parser.add_argument("--top-k", type=int, default=None,
                         help="0 = no limit (default: what the model's config recommends, else 64; 16 for the "
                              "built-in model)")
@@ -63,12 +64,13 @@ def _generate(argv):
     parser.add_argument("--rerank-keep", type=int, default=0, help="keep CLIP's best M of the -n images")
     args = parser.parse_args(argv)
     service = _service(args)
-    if args.cond_scale is None or args.top_k is None:
+    if None in (args.cond_scale, args.top_k, args.temperature):
         from .manager import recommended_sampling
 
         recommended = recommended_sampling(service.load(service.default_reference))
-        args.cond_scale = recommended["cond_scale"] if args.cond_scale is None else args.cond_scale
-        args.top_k = recommended["top_k"] if args.top_k is None else args.top_k
+        for name in ("cond_scale", "top_k", "temperature"):
+            if getattr(args, name) is None:
+                setattr(args, name, recommended[name])
     updates = service.text_to_image(args.prompt, args.num, args.temperature, args.top_k, args.cond_scale,
                                     args.seed, rerank_keep=args.rerank_keep)
     return _report(list(updates)[-1])
@@ -91,7 +93,7 @@ def _complete(argv):
     args = parser.parse_args(argv)
     args.out = None
     service = _service(args)
-    last = list(service.complete_text(args.prompt, args.num, args.temperature,
+    last = list(service.complete_text(args.prompt, args.num, 1.0 if args.temperature is None else args.temperature,
                                         64 if args.top_k is None else args.top_k, args.seed))[-1]
     shutil.rmtree(service.output_dir, ignore_errors=True)  # no files for text
     print("\n".join(last.texts))

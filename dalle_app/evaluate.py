@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cond-scale", type=float, default=None,
                         help="guidance (default: the model's recommended_sampling, else 1 = off)")
     parser.add_argument("--top-k", type=int, default=None, help="default: the model's recommended_sampling, else 64")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=None, help="default: the model's recommended_sampling, else 1")
     parser.add_argument("--rerank", type=int, default=1, help="best of N by CLIP score (1 = off)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--device", default=None)
@@ -137,6 +137,7 @@ def main(argv=None) -> None:
     recommended = recommended_sampling(model.config)
     args.cond_scale = recommended["cond_scale"] if args.cond_scale is None else args.cond_scale
     args.top_k = recommended["top_k"] if args.top_k is None else args.top_k
+    args.temperature = recommended["temperature"] if args.temperature is None else args.temperature
     captions = heldout_captions(args.n, seed=args.seed)
     options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, cond_scale=args.cond_scale)
     t = time.time()

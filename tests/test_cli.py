@@ -67,7 +67,7 @@ def test_generate_uses_the_models_recommended_sampling_unless_told(model, tmp_pa
     config_file = model / "config.json"
     original = config_file.read_text()
     config = json.loads(original)
-    config.setdefault("source", {})["recommended_sampling"] = {"cond_scale": 2.5, "top_k": 24}
+    config.setdefault("source", {})["recommended_sampling"] = {"cond_scale": 2.5, "top_k": 24, "temperature": 0.7}
     config_file.write_text(json.dumps(config))
     try:
         common = ["generate", "--model", str(model), "--prompt", "a red circle", "-n", "1", "--seed", "3",
@@ -75,11 +75,11 @@ def test_generate_uses_the_models_recommended_sampling_unless_told(model, tmp_pa
         code, stdout, stderr = _run(capsys, *common)
         assert code == 0, stderr
         settings = read_parameters(stdout.split()[0])["settings"]
-        assert (settings["cond_scale"], settings["top_k"]) == (2.5, 24)
-        code, stdout, stderr = _run(capsys, *common, "--cond-scale", "1", "--top-k", "7")
+        assert (settings["cond_scale"], settings["top_k"], settings["temperature"]) == (2.5, 24, 0.7)
+        code, stdout, stderr = _run(capsys, *common, "--cond-scale", "1", "--top-k", "7", "--temperature", "1.2")
         assert code == 0, stderr
         settings = read_parameters(stdout.split()[0])["settings"]
-        assert (settings["cond_scale"], settings["top_k"]) == (1.0, 7)
+        assert (settings["cond_scale"], settings["top_k"], settings["temperature"]) == (1.0, 7, 1.2)
     finally:
         config_file.write_text(original)  # the module's other tests share this model
 

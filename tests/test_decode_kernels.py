@@ -128,8 +128,7 @@ print(json.dumps({"kernel": kernel, "on": on.tolist(), "off": off.tolist(), "pla
 
 @pytest.fixture(scope="module")
 def child_result():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    env.pop("DALLE_APP_DECODE_KERNELS", None)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), DALLE_APP_DECODE_KERNELS="1")
     done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -222,9 +222,9 @@ def test_candidate_run_trains_exports_evaluates_and_packs_parts_that_unpack_to_a
     assert (unpacked / "model" / "model.safetensors").read_bytes() == (folder / "model" / "model.safetensors").read_bytes()
     assert json.loads((unpacked / "eval_rerank8.json").read_text())["settings"]["rerank"] == 8
     # evaluated at the exported model's recommended guidance, and at 1, 2 and 3 beside it
-    from dalle_app.training.train import GUIDED_COND_SCALE, GUIDED_TOP_K
+    from dalle_app.training.train import GUIDED_COND_SCALE, GUIDED_TEMPERATURE, GUIDED_TOP_K
     recommended = json.loads((folder / "model" / "config.json").read_text())["source"]["recommended_sampling"]
-    assert recommended == {"cond_scale": GUIDED_COND_SCALE, "top_k": GUIDED_TOP_K}
+    assert recommended == {"cond_scale": GUIDED_COND_SCALE, "top_k": GUIDED_TOP_K, "temperature": GUIDED_TEMPERATURE}
     assert json.loads((unpacked / "eval_default.json").read_text())["settings"]["cond_scale"] == GUIDED_COND_SCALE
     assert [json.loads((unpacked / f"eval_g{g}.json").read_text())["settings"]["cond_scale"]
             for g in (1, 2, 3)] == [1.0, 2.0, 3.0]

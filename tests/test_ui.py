@@ -285,10 +285,9 @@ def test_the_images_gradio_serves_are_deleted_after_the_cache_time(service):
     assert build_demo(service).delete_cache == (600, 3600)  # an hour, checked every ten minutes
 
 
-def _guidance_starts(demo):
+def _guidance_starts(demo, label="Guidance scale (1 = off)"):
     config = demo.get_config_file()
-    return [c["props"]["value"] for c in config["components"] if c.get("props", {}).get("label") ==
-            "Guidance scale (1 = off)"]
+    return [c["props"]["value"] for c in config["components"] if c.get("props", {}).get("label") == label]
 
 
 def test_guidance_starts_at_the_default_models_recommendation(service, monkeypatch):
@@ -299,9 +298,13 @@ def test_guidance_starts_at_the_default_models_recommendation(service, monkeypat
     card = service.load("weights/default")
     monkeypatch.setattr(service, "load", lambda ref: {**card, "source": {"recommended_sampling": {"cond_scale": 3.0}}})
     assert _guidance_starts(build_demo(service)) == [3.0, 3.0]  # text to image and priming
+    recommends = {"cond_scale": 3.0, "temperature": 0.8}
+    monkeypatch.setattr(service, "load", lambda ref: {**card, "source": {"recommended_sampling": recommends}})
+    # text to image and priming start at the recommended temperature; text completion stays at 1
+    assert _guidance_starts(build_demo(service), "Temperature") == [0.8, 0.8, 1.0]
     from dalle_app.manager import BUILTIN_MODEL_DIR, ModelManager
 
     shipped = json.loads((Path(__file__).parents[1] / "weights/shapes-dalle/config.json").read_text())
-    assert shipped["source"]["recommended_sampling"] == {"cond_scale": 1.5, "top_k": 16}  # trained for guidance
+    assert shipped["source"]["recommended_sampling"] == {"cond_scale": 1.5, "top_k": 16, "temperature": 0.9}
     loaded = ModelManager(device="cpu").load(str(BUILTIN_MODEL_DIR))  # and loading keeps it for the app's card
-    assert loaded.info()["source"]["recommended_sampling"] == {"cond_scale": 1.5, "top_k": 16}
+    assert loaded.info()["source"]["recommended_sampling"] == {"cond_scale": 1.5, "top_k": 16, "temperature": 0.9}

@@ -47,9 +47,11 @@ def _jsonable(value):
 
 def recommended_sampling(config: dict) -> dict:
     """The sampling a model was trained for, from its config (or a loaded model's info, which carries the same
-    `source`): {"cond_scale": float, "top_k": int}; guidance off and top-k 64 where it recommends nothing."""
+    `source`): {"cond_scale": float, "top_k": int, "temperature": float}; guidance off, top-k 64 and temperature 1
+    where it recommends nothing."""
     given = (config.get("source") or {}).get("recommended_sampling") or {}
-    return {"cond_scale": float(given.get("cond_scale", 1.0)), "top_k": int(given.get("top_k", 64))}
+    return {"cond_scale": float(given.get("cond_scale", 1.0)), "top_k": int(given.get("top_k", 64)),
+            "temperature": float(given.get("temperature", 1.0))}
 
 
 def is_pretrained_config(config: dict) -> bool:

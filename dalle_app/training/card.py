@@ -38,8 +38,8 @@ def _to_pil(t: torch.Tensor) -> Image.Image:
 
 
 def sample_grid(model, path, prompts=EXAMPLE_PROMPTS, top_k: int | None = None, seed: int = 0) -> None:
-    """Rows = prompts, columns = `grid_settings` at the model's recommended guidance (and top-k, unless given); the
-    prompt is written at the left."""
+    """Rows = prompts, columns = `grid_settings` at the model's recommended guidance and temperature (and top-k,
+    unless given); the prompt is written at the left."""
     from ..evaluate import generate
     from ..manager import recommended_sampling
 
@@ -51,7 +51,8 @@ def sample_grid(model, path, prompts=EXAMPLE_PROMPTS, top_k: int | None = None, 
     draw = ImageDraw.Draw(grid)
     for c, (name, kw, rerank) in enumerate(settings):
         draw.text((label_w + c * cell + 4, 4), name[:22], fill=(0, 0, 0))
-        images = generate(model, list(prompts), SamplingOptions(top_k=top_k, **kw), rerank=rerank, seed=seed)
+        options = SamplingOptions(top_k=top_k, temperature=recommended["temperature"], **kw)
+        images = generate(model, list(prompts), options, rerank=rerank, seed=seed)
         for r, img in enumerate(images):
             grid.paste(_to_pil(img), (label_w + c * cell, 20 + r * cell))
     for r, text in enumerate(prompts):

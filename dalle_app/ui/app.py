@@ -52,10 +52,10 @@ def _final(outputs):
 def _sampling(prefix: str, n_label: str = "Number of images", guidance: bool = True,
               start: dict | None = None) -> dict:
     """The shared sampling controls of a tab (created in the current layout context). `start`: the starting
-    cond_scale / top_k, a model's `recommended_sampling` (default: guidance off and top-k 64)."""
+    cond_scale / top_k / temperature, a model's `recommended_sampling` (default: guidance off, top-k 64, 1)."""
     start = start or recommended_sampling({})
     c = {"n": gr.Slider(1, MAX_IMAGES, value=4, step=1, label=n_label, elem_id=f"{prefix}-n"),
-         "temperature": gr.Slider(0.05, 3.0, value=1.0, step=0.05, label="Temperature"),
+         "temperature": gr.Slider(0.05, 3.0, value=start["temperature"], step=0.05, label="Temperature"),
          "top_k": gr.Number(value=start["top_k"], precision=0, minimum=0, label="Top-k (0 = all)"),
          "top_p": gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (1 = off)", elem_id=f"{prefix}-top-p")}
     if guidance:
