@@ -255,3 +255,28 @@ def test_vae_sweep_picks_the_best_shape_bound_among_variants_that_keep_the_objec
     assert pick_best(results) == "ghosts"  # nothing keeps the count: fall back to the best PSNR
     assert pick_best({"crashed": {"returncode": 1}}) is None
     assert overrides_of({"vae_batch": 128, "vae": {"hidden_dim": 192}}) == ['vae_batch=128', 'vae={"hidden_dim": 192}']
+
+
+def test_an_exported_model_seeds_a_dalle_phase_that_trains_it_further(tmp_path):
+    from pathlib import Path
+
+    from dalle_app.training.candidate import seed_from_model
+
+    torch.manual_seed(3)
+    source = Trainer(quick_config(), tmp_path / "source", torch.device("cpu"))
+    with torch.no_grad():  # unlike a fresh Trainer's (seeded) initial weights
+        for p in [*source.dalle.parameters(), *source.clip.parameters()]:
+            p.add_(torch.randn_like(p))
+    model = source.export(tmp_path / "model", dtype=torch.float32)
+    with pytest.raises(ValueError, match="not below the recipe's"):
+        seed_from_model(Path(model), tmp_path / "too_far", "quick", at_step=quick_config().dalle_steps)
+
+    seed_from_model(Path(model), tmp_path / "run", "quick", at_step=40, overrides=["dalle_steps=120"])
+    resumed = Trainer(quick_config(), tmp_path / "run" / "weights", torch.device("cpu"))
+    assert (resumed.phase, resumed.step, resumed.cfg.dalle_steps) == ("dalle", 40, 120)
+    assert resumed.clip_step == resumed.cfg.clip_steps  # CLIP is carried over, not trained again
+    assert resumed._rewarm_from == 40  # fresh optimizers: the learning rate warms up again
+    for name in ("dalle", "clip"):  # the networks themselves, as the float16 copy keeps parameters
+        mine, theirs = getattr(resumed, name).state_dict(), getattr(source, name).state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) or torch.equal(mine[k], theirs[k].half().to(mine[k].dtype))
+                   for k in theirs)
