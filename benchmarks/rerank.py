@@ -63,7 +63,8 @@ def main(argv=None) -> None:
     manager = ModelManager(device=device)
     model = manager.load(args.model, device=device)
     rec = recommended_sampling(model.config)
-    options = SamplingOptions(top_k=rec["top_k"], cond_scale=rec["cond_scale"], temperature=rec["temperature"])
+    options = SamplingOptions(top_k=rec["top_k"], cond_scale=rec["cond_scale"],
+                              temperature=rec["temperature"])
     captions = heldout_captions(args.n, seed=args.seed)
     start = time.time()
     if args.candidates and Path(args.candidates).exists():

@@ -120,7 +120,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cond-scale", type=float, default=None,
                         help="guidance (default: the model's recommended_sampling, else 1 = off)")
     parser.add_argument("--top-k", type=int, default=None, help="default: the model's recommended_sampling, else 64")
-    parser.add_argument("--temperature", type=float, default=None, help="default: the model's recommended_sampling, else 1")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="default: the model's recommended_sampling, else 1")
     parser.add_argument("--rerank", type=int, default=1, help="best of N by CLIP score (1 = off)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--device", default=None)

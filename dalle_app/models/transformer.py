@@ -244,8 +244,8 @@ class Transformer(nn.Module):
             history = cache.shifted[2 * layer + branch]
             if torch.is_tensor(start):
                 # one token of a captured step: its neighbours are earlier tokens, already in the history, and its
-                # own channels come from h, so the gather does not wait for the write (torch.compile then fuses
-                # norm, shift and write into one kernel)
+                # own channels come from h, so the gather does not have to wait for the write (which leaves
+                # torch.compile free to fuse norm, shift and write; not yet timed on a GPU)
                 shifted = torch.where(index == start, h, shift_tokens(history, index))
                 write_history(history, h, start)
                 return shifted
