@@ -26,9 +26,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dalle_app.engine import SamplingOptions, generate, generate_image_tokens  # noqa: E402
 from dalle_app.models import decode_kernels  # noqa: E402
 from dalle_app.models.attention import Rotary, attend_static_cache, write_kv  # noqa: E402
+from check_fused_sample import graph_time_us  # noqa: E402  (the same timing of a captured call)
 
 
 def load_build():
@@ -36,29 +38,6 @@ def load_build():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.build, module.prompt
-
-
-def graph_time_us(fn, iters=200) -> float:
-    """Microseconds per call of fn, captured 20 times in a CUDA graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(20):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters // 20):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (iters // 20 * 20)
 
 
 def set_kernel(on: bool) -> None:
