@@ -210,6 +210,8 @@ class Transformer(nn.Module):
                 shift = self.shift_sources[positions]
             else:
                 shift = shift_index(positions, self.text_len, self.fmap_size, self.dim, zero_row)
+        # a captured one-token step: the channels that read the token itself, once for every branch
+        own = shift == start if shift is not None and torch.is_tensor(start) else None
         masks = {}
 
         if self.reversible:
@@ -223,8 +225,8 @@ class Transformer(nn.Module):
             attn_kw = dict(mask=mask_i, rotary=rotary, kv_cache=kv, start=start)
             if kind == "full" and self.causal and mask is None and not torch.is_tensor(start) and start == 0:
                 attn_kw.update(mask=None, causal=True)  # the whole sequence from 0: SDPA's flash kernel
-            attn_shift = self._shifter(cache, i, 0, start, n, shift)
-            ff_shift = self._shifter(cache, i, 1, start, n, shift)
+            attn_shift = self._shifter(cache, i, 0, start, n, shift, own)
+            ff_shift = self._shifter(cache, i, 1, start, n, shift, own)
             if self.reversible:
                 x1 = layer.attn(x2, attn_shift, residual=x1, **attn_kw)
                 x2 = layer.ff(x1, ff_shift, residual=x2)
@@ -233,8 +235,9 @@ class Transformer(nn.Module):
                 x = layer.ff(x, ff_shift)
         return (x1 + x2) / 2 if self.reversible else x
 
-    def _shifter(self, cache, layer, branch, start, n, index):
-        """Token shift for one branch; with a cache, the unshifted inputs are kept there for later tokens."""
+    def _shifter(self, cache, layer, branch, start, n, index, own=None):
+        """Token shift for one branch; with a cache, the unshifted inputs are kept there for later tokens. `own`: in
+        a captured one-token step, the channels that read the token itself (index == start)."""
         if not self.shift:
             return None
 
@@ -242,11 +245,11 @@ class Transformer(nn.Module):
             if cache is None:
                 return shift_tokens(F.pad(h, (0, 0, 0, 1)), index)
             history = cache.shifted[2 * layer + branch]
-            if torch.is_tensor(start):
+            if own is not None:
                 # one token of a captured step: its neighbours are earlier tokens, already in the history, and its
                 # own channels come from h, so the gather does not have to wait for the write (which leaves
                 # torch.compile free to fuse norm, shift and write; not yet timed on a GPU)
-                shifted = torch.where(index == start, h, shift_tokens(history, index))
+                shifted = torch.where(own, h, shift_tokens(history, index))
                 write_history(history, h, start)
                 return shifted
             write_history(history, h, start)
