@@ -167,9 +167,15 @@ def test_generate_images_leaves_caller_text_alone_and_uses_cache_at_cond_scale_1
     images = dalle.generate_images(text, cond_scale=3.0, filter_thres=0.9)
     assert torch.equal(text, before)  # reference bug: zeroed in place with cond_scale != 1
     assert images.shape == (2, 3, 32, 32)
+    from dalle_app.engine import generate as engine_generate
+
+    steps = []
+    step = engine_generate.decode_token
+    monkeypatch.setattr(engine_generate, "decode_token", lambda t, x, *a: (steps.append(x.shape), step(t, x, *a))[1])
     lengths.clear()
     dalle.generate_images(text, cond_scale=1.0)
-    assert lengths[0] == T + 1 and set(lengths[1:]) == {1}  # reference bug: cache dropped at cond_scale 1
+    # reference bug: cache dropped at cond_scale 1; here one prefill, then one token per step
+    assert lengths == [T + 1] and steps == [(2, 32)] * (dalle.image_seq_len - 1)
 
 
 def test_guidance_uses_its_own_unconditional_history():
@@ -252,3 +258,28 @@ def test_compiled_step_gives_the_same_tokens_in_float32():
     eager = generate_image_tokens(dalle, text, options, seeds=[1, 2]).image_ids
     compiled = generate_image_tokens(dalle, text, options, seeds=[1, 2], compile_step=True).image_ids
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("name", [*CONFIGS, "sparse"])
+def test_one_token_step_equals_the_general_forward(name):
+    """`decode_token` (the eager step) gives the hidden state and the cache writes of `Transformer.forward`, at text
+    and image positions, for every attention type, token shift, reversible and shared layers."""
+    from dalle_app.models.token_step import decode_token
+
+    kw = dict(attn_types=("full", "sparse")) if name == "sparse" else CONFIGS[name]
+    dalle = make_dalle(**kw)
+    if name == "sparse":
+        layout = dalle.transformer.layers[1].attn.module.master_layout
+        layout.copy_((torch.rand(layout.shape, generator=torch.Generator().manual_seed(0)) < 0.5).long()
+                     | torch.eye(layout.shape[-1], dtype=torch.long))
+    t = dalle.transformer
+    tokens = dalle.embed(prompts(2), torch.randint(0, 48, (2, 30)))
+    for pos in (4, T + 1, T + 1 + 8, T + 1 + 17, tokens.shape[1] - 1):  # text, first image token, row starts, inside
+        general, lean = dalle.new_cache(2), dalle.new_cache(2)
+        for cache in (general, lean):
+            t(tokens[:, :pos], cache=cache, start=0)
+        expected = t(tokens[:, pos:pos + 1], cache=general, start=pos)[:, 0]
+        got = decode_token(t, tokens[:, pos], lean, pos)
+        assert torch.allclose(got, expected, atol=1e-6), (pos, (got - expected).abs().max())
+        for a, b in zip(general.kv + (general.shifted or []), lean.kv + (lean.shifted or [])):
+            assert torch.allclose(a, b, atol=1e-6)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..models.token_step import decode_token
 from ..models.transformer import InferenceCache
 from .sampling import SamplingOptions, guide, sample
 
@@ -73,8 +74,12 @@ def _decode_step(dalle, kv, shifted, seeds, ids, pos, guided, cond_scale, temper
     feed = ids.repeat(2, 1) if guided else ids
     img_pos = pos - text_len
     x = dalle.embed_image(feed, img_pos)
-    h = dalle.transformer(x, cache=InferenceCache(kv, shifted), start=pos)
-    logits = dalle.image_logits(h)[:, -1]
+    cache = InferenceCache(kv, shifted)
+    if torch.is_tensor(pos):  # captured or compiled: one program for every position
+        h = dalle.transformer(x, cache=cache, start=pos)[:, -1]
+    else:  # eager: the same step in far fewer operations
+        h = decode_token(dalle.transformer, x[:, -1], cache, pos)
+    logits = dalle.image_logits(h)
     if guided:
         logits = guide(logits, cond_scale)
     # noise position = index of the token being chosen
@@ -257,6 +262,7 @@ def complete_text(dalle, prefixes: list[list[int]], options: SamplingOptions | N
             completed = False
             break
         step_ids = torch.where(text[:, pos] == 0, dalle.vocab_text + pos, text[:, pos])
-        hidden = dalle.transformer(dalle.embed_text(step_ids[:, None], pos + 1), cache=cache, start=pos + 1)
+        hidden = decode_token(dalle.transformer, dalle.embed_text(step_ids[:, None], pos + 1)[:, 0], cache, pos + 1)
+        hidden = hidden[:, None]
     dalle.train(was_training)
     return TextTokens(text, seeds, completed)

@@ -1,0 +1,89 @@
+"""One decoding step of the transformer in as few operations as possible, for eager decoding (the CPU).
+
+On the CPU each PyTorch operation costs a fixed 2-50 us whatever its size, and a decoding step of a small model
+is made of little else: on the built-in model the general `Transformer.forward` spends more time on module calls,
+views and masks than on arithmetic. `decode_token` computes the same thing for one token at an integer position
+with 2-D tensors, a precomputed rotation matrix, no masks for full attention and token shift as one concatenation
+of slices; the engine uses it whenever the step is not captured or compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import Rotary
+from .packed_linear import packed_linear
+from .transformer import InferenceCache, Transformer, shift_index
+
+
+def decode_token(t: Transformer, x: torch.Tensor, cache: InferenceCache, pos: int) -> torch.Tensor:
+    """The token x (b, dim) at position `pos` through the stack `t`, reading and filling `cache`.
+
+    Equals `t(x[:, None], cache=cache, start=pos)[:, 0]`; inference only (no dropout)."""
+    rotation = Rotary(*t.rotary_cos_sin[:, pos:pos + 1]).matrix.to(x.dtype) if t.rotary else None
+    shift = _shift_segments(t, cache, pos) if t.shift else None
+    x1 = x2 = x
+    for i, layer in enumerate(t.layers):
+        attn, ff = layer.attn, layer.ff
+        if t.reversible:
+            x1 = _branch(attn, x2, x1, _attend, t, i, cache, pos, rotation, shift)
+            x2 = _branch(ff, x1, x2, _feed_forward, t, i, cache, pos, rotation, shift)
+        else:
+            x = _branch(attn, x, x, _attend, t, i, cache, pos, rotation, shift)
+            x = _branch(ff, x, x, _feed_forward, t, i, cache, pos, rotation, shift)
+    return (x1 + x2) / 2 if t.reversible else x
+
+
+def _branch(branch, x, residual, fn, t, i, cache, pos, rotation, shift):
+    """residual + scale * norm_out(fn(shift(norm(x)))), as `Branch.forward`."""
+    h = F.layer_norm(x, x.shape[-1:], branch.norm.weight, branch.norm.bias, branch.norm.eps)
+    if shift is not None:
+        history = cache.shifted[2 * i + (fn is _feed_forward)]
+        shifted = [history[:, row, lo:hi] if row is not None else h[:, lo:hi] for row, lo, hi in shift]
+        history[:, pos] = h  # after the reads, which are of earlier positions (or of the zero row)
+        h = torch.cat(shifted, dim=1) if len(shifted) > 1 else shifted[0]
+    h = fn(branch.module, h, t, i, cache, pos, rotation)
+    if branch.norm_out is not None:
+        h = branch.norm_out(h)
+    return torch.addcmul(residual, h, branch.scale[0])
+
+
+def _attend(attn, h, t, i, cache, pos, rotation):
+    b = h.shape[0]
+    qkv = packed_linear(h, attn.to_qkv.weight, None, attn.to_qkv).view(b, 3, attn.heads, attn.dim_head)
+    if rotation is not None:
+        qkv = qkv @ rotation
+    kv = cache.kv[i]  # (2, b, heads, max_len, dim_head)
+    kv[:, :, :, pos] = qkv[:, 1:].transpose(0, 1)
+    q = qkv[:, 0, :, None]  # (b, heads, 1, dim_head)
+    mask = None
+    if t.layer_types[i] != "full":  # this query's row of the layer's mask: (1 or heads, 1, keys)
+        mask = t.layer_mask(i)[..., pos:pos + 1, :pos + 1]
+    out = F.scaled_dot_product_attention(q, kv[0, :, :, :pos + 1], kv[1, :, :, :pos + 1], attn_mask=mask)
+    return packed_linear(out.view(b, -1), attn.to_out.weight, attn.to_out.bias, attn.to_out)
+
+
+def _feed_forward(ff, h, *_):
+    h, gates = packed_linear(h, ff.proj_in.weight, ff.proj_in.bias, ff.proj_in).chunk(2, dim=-1)
+    return packed_linear(h * F.gelu(gates), ff.proj_out.weight, ff.proj_out.bias, ff.proj_out)
+
+
+def _shift_segments(t: Transformer, cache: InferenceCache, pos: int) -> list[tuple[int | None, int, int]]:
+    """Token shift of position pos as channel ranges: (history row, lo, hi), row None for the token itself.
+
+    From the same `shift_index` rule as the general path, computed once per position and history length."""
+    zero_row = cache.shifted[0].shape[1] - 1
+    table = t.__dict__.setdefault("_shift_segments", {})
+    key = (pos, zero_row)
+    if key not in table:
+        rows = shift_index(torch.tensor([pos]), t.text_len, t.fmap_size, t.dim, zero_row)[0].tolist()
+        segments = []
+        for c, row in enumerate(rows):
+            source = None if row == pos else row
+            if segments and segments[-1][0] == source:
+                segments[-1][2] = c + 1
+            else:
+                segments.append([source, c, c + 1])
+        table[key] = [tuple(s) for s in segments]
+    return table[key]
