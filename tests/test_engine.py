@@ -283,3 +283,14 @@ def test_one_token_step_equals_the_general_forward(name):
         assert torch.allclose(got, expected, atol=1e-6), (pos, (got - expected).abs().max())
         for a, b in zip(general.kv + (general.shifted or []), lean.kv + (lean.shifted or [])):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_results_are_ordinary_tensors_that_callers_may_edit():
+    """The engine samples under torch.inference_mode but hands back tensors usable anywhere (in-place edits of
+    inference tensors outside that mode raise)."""
+    dalle = make_dalle()
+    ids = generate_image_tokens(dalle, prompts(1), SamplingOptions(), seeds=[0]).image_ids
+    text = complete_text(dalle, [[5, 6]], seeds=[0]).token_ids
+    for tensor in (ids, text):
+        assert not tensor.is_inference()
+        tensor[0, 0] = 1

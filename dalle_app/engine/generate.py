@@ -7,6 +7,8 @@ head, guidance, sampling) is captured once in a CUDA graph and replayed.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -148,7 +150,23 @@ class _Stepper:
         return self.static_out.clone()
 
 
-@torch.no_grad()
+def _in_inference_mode(fn):
+    """Run fn under torch.inference_mode, which skips autograd's per-operation bookkeeping (about 10% of a CPU
+    decoding step), and hand back its tensors as ordinary ones, which callers may modify in place."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode():
+            result = fn(*args, **kwargs)
+        for f in dataclasses.fields(result):
+            value = getattr(result, f.name)
+            if torch.is_tensor(value):
+                setattr(result, f.name, value.clone())
+        return result
+
+    return wrapper
+
+
+@_in_inference_mode
 def generate_image_tokens(dalle, text: torch.Tensor, options: SamplingOptions | None = None, *, seeds=None,
                           prime_ids: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
                           progress: ProgressFn | None = None, progress_every: int = 16,
@@ -224,7 +242,7 @@ def generate_image_tokens(dalle, text: torch.Tensor, options: SamplingOptions | 
     return ImageTokens(out, seeds, completed, time.perf_counter() - start_time)
 
 
-@torch.no_grad()
+@_in_inference_mode
 def complete_text(dalle, prefixes: list[list[int]], options: SamplingOptions | None = None, *, seeds=None,
                   should_stop: Callable[[], bool] | None = None) -> TextTokens:
     """Continue each token-id prefix up to text_seq_len tokens; a sampled pad id ends that row's text.
