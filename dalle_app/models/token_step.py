@@ -21,52 +21,59 @@ def decode_token(t: Transformer, x: torch.Tensor, cache: InferenceCache, pos: in
     """The token x (b, dim) at position `pos` through the stack `t`, reading and filling `cache`.
 
     Equals `t(x[:, None], cache=cache, start=pos)[:, 0]`; inference only (no dropout)."""
-    rotation = Rotary(*t.rotary_cos_sin[:, pos:pos + 1]).matrix.to(x.dtype) if t.rotary else None
-    shift = _shift_segments(t, cache, pos) if t.shift else None
-    x1 = x2 = x
-    for i, layer in enumerate(t.layers):
-        attn, ff = layer.attn, layer.ff
-        if t.reversible:
-            x1 = _branch(attn, x2, x1, _attend, t, i, cache, pos, rotation, shift)
-            x2 = _branch(ff, x1, x2, _feed_forward, t, i, cache, pos, rotation, shift)
-        else:
-            x = _branch(attn, x, x, _attend, t, i, cache, pos, rotation, shift)
-            x = _branch(ff, x, x, _feed_forward, t, i, cache, pos, rotation, shift)
-    return (x1 + x2) / 2 if t.reversible else x
+    return _TokenStep(t, cache, pos, x.dtype).run(x)
 
 
-def _branch(branch, x, residual, fn, t, i, cache, pos, rotation, shift):
-    """residual + scale * norm_out(fn(shift(norm(x)))), as `Branch.forward`."""
-    h = F.layer_norm(x, x.shape[-1:], branch.norm.weight, branch.norm.bias, branch.norm.eps)
-    if shift is not None:
-        history = cache.shifted[2 * i + (fn is _feed_forward)]
-        shifted = [history[:, row, lo:hi] if row is not None else h[:, lo:hi] for row, lo, hi in shift]
-        history[:, pos] = h  # after the reads, which are of earlier positions (or of the zero row)
-        h = torch.cat(shifted, dim=1) if len(shifted) > 1 else shifted[0]
-    h = fn(branch.module, h, t, i, cache, pos, rotation)
-    if branch.norm_out is not None:
-        h = branch.norm_out(h)
-    return torch.addcmul(residual, h, branch.scale[0])
+class _TokenStep:
+    """What every layer of one step shares: the cache, the position, its rotation and its token-shift segments."""
 
+    def __init__(self, t: Transformer, cache: InferenceCache, pos: int, dtype: torch.dtype):
+        self.t, self.cache, self.pos = t, cache, pos
+        self.rotation = Rotary(*t.rotary_cos_sin[:, pos:pos + 1]).matrix.to(dtype) if t.rotary else None
+        self.shift = _shift_segments(t, cache, pos) if t.shift else None
 
-def _attend(attn, h, t, i, cache, pos, rotation):
-    b = h.shape[0]
-    qkv = packed_linear(h, attn.to_qkv.weight, None, attn.to_qkv).view(b, 3, attn.heads, attn.dim_head)
-    if rotation is not None:
-        qkv = qkv @ rotation
-    kv = cache.kv[i]  # (2, b, heads, max_len, dim_head)
-    kv[:, :, :, pos] = qkv[:, 1:].transpose(0, 1)
-    q = qkv[:, 0, :, None]  # (b, heads, 1, dim_head)
-    mask = None
-    if t.layer_types[i] != "full":  # this query's row of the layer's mask: (1 or heads, 1, keys)
-        mask = t.layer_mask(i)[..., pos:pos + 1, :pos + 1]
-    out = F.scaled_dot_product_attention(q, kv[0, :, :, :pos + 1], kv[1, :, :, :pos + 1], attn_mask=mask)
-    return packed_linear(out.view(b, -1), attn.to_out.weight, attn.to_out.bias, attn.to_out)
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = x2 = x
+        for i, layer in enumerate(self.t.layers):
+            if self.t.reversible:
+                x1 = self.branch(layer.attn, x2, x1, 2 * i, lambda h: self.attend(i, layer.attn.module, h))
+                x2 = self.branch(layer.ff, x1, x2, 2 * i + 1, lambda h: self.feed_forward(layer.ff.module, h))
+            else:
+                x = self.branch(layer.attn, x, x, 2 * i, lambda h: self.attend(i, layer.attn.module, h))
+                x = self.branch(layer.ff, x, x, 2 * i + 1, lambda h: self.feed_forward(layer.ff.module, h))
+        return (x1 + x2) / 2 if self.t.reversible else x
 
+    def branch(self, branch, x, residual, history_index: int, module) -> torch.Tensor:
+        """residual + scale * norm_out(module(shift(norm(x)))), as `Branch.forward`."""
+        h = F.layer_norm(x, x.shape[-1:], branch.norm.weight, branch.norm.bias, branch.norm.eps)
+        if self.shift is not None:
+            history = self.cache.shifted[history_index]
+            pieces = [history[:, row, lo:hi] if row is not None else h[:, lo:hi] for row, lo, hi in self.shift]
+            history[:, self.pos] = h  # after the reads, which are of earlier positions (or of the zero row)
+            h = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        h = module(h)
+        if branch.norm_out is not None:
+            h = branch.norm_out(h)
+        return torch.addcmul(residual, h, branch.scale[0])
 
-def _feed_forward(ff, h, *_):
-    h, gates = packed_linear(h, ff.proj_in.weight, ff.proj_in.bias, ff.proj_in).chunk(2, dim=-1)
-    return packed_linear(h * F.gelu(gates), ff.proj_out.weight, ff.proj_out.bias, ff.proj_out)
+    def attend(self, i: int, attn, h: torch.Tensor) -> torch.Tensor:
+        b, pos = h.shape[0], self.pos
+        qkv = packed_linear(h, attn.to_qkv.weight, None, attn.to_qkv).view(b, 3, attn.heads, attn.dim_head)
+        if self.rotation is not None:
+            qkv = qkv @ self.rotation
+        kv = self.cache.kv[i]  # (2, b, heads, max_len, dim_head)
+        kv[:, :, :, pos] = qkv[:, 1:].transpose(0, 1)
+        q = qkv[:, 0, :, None]  # (b, heads, 1, dim_head)
+        mask = None
+        if self.t.layer_types[i] != "full":  # this query's row of the layer's mask: (1 or heads, 1, keys)
+            mask = self.t.layer_mask(i)[..., pos:pos + 1, :pos + 1]
+        out = F.scaled_dot_product_attention(q, kv[0, :, :, :pos + 1], kv[1, :, :, :pos + 1], attn_mask=mask)
+        return packed_linear(out.view(b, -1), attn.to_out.weight, attn.to_out.bias, attn.to_out)
+
+    @staticmethod
+    def feed_forward(ff, h: torch.Tensor) -> torch.Tensor:
+        h, gates = packed_linear(h, ff.proj_in.weight, ff.proj_in.bias, ff.proj_in).chunk(2, dim=-1)
+        return packed_linear(h * F.gelu(gates), ff.proj_out.weight, ff.proj_out.bias, ff.proj_out)
 
 
 def _shift_segments(t: Transformer, cache: InferenceCache, pos: int) -> list[tuple[int | None, int, int]]:
