@@ -305,6 +305,6 @@ def test_guidance_starts_at_the_default_models_recommendation(service, monkeypat
     from dalle_app.manager import BUILTIN_MODEL_DIR, ModelManager
 
     shipped = json.loads((Path(__file__).parents[1] / "weights/shapes-dalle/config.json").read_text())
-    assert shipped["source"]["recommended_sampling"] == {"cond_scale": 1.5, "top_k": 16, "temperature": 0.9}
+    assert shipped["source"]["recommended_sampling"] == {"cond_scale": 1.5, "top_k": 8, "temperature": 0.9}
     loaded = ModelManager(device="cpu").load(str(BUILTIN_MODEL_DIR))  # and loading keeps it for the app's card
-    assert loaded.info()["source"]["recommended_sampling"] == {"cond_scale": 1.5, "top_k": 16, "temperature": 0.9}
+    assert loaded.info()["source"]["recommended_sampling"] == {"cond_scale": 1.5, "top_k": 8, "temperature": 0.9}
