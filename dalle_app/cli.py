@@ -30,7 +30,7 @@ def _sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None,
                         help="default: what the model's config recommends for images, else 1; 1 for text")
     parser.add_argument("--top-k", type=int, default=None,
-                        help="0 = no limit (default: what the model's config recommends, else 64; 16 for the "
+                        help="0 = no limit (default: what the model's config recommends, else 64; 8 for the "
                              "built-in model)")
     parser.add_argument("--seed", type=int, default=-1, help="seed of the first one; the others get seed+1, ...")
 
@@ -67,10 +67,8 @@ def _generate(argv):
     if None in (args.cond_scale, args.top_k, args.temperature):
         from .manager import recommended_sampling
 
-        recommended = recommended_sampling(service.load(service.default_reference))
-        for name in ("cond_scale", "top_k", "temperature"):
-            if getattr(args, name) is None:
-                setattr(args, name, recommended[name])
+        vars(args).update(recommended_sampling(service.load(service.default_reference), cond_scale=args.cond_scale,
+                                               top_k=args.top_k, temperature=args.temperature))
     updates = service.text_to_image(args.prompt, args.num, args.temperature, args.top_k, args.cond_scale,
                                     args.seed, rerank_keep=args.rerank_keep)
     return _report(list(updates)[-1])

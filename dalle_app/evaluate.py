@@ -135,10 +135,8 @@ def main(argv=None) -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = ModelManager(device=device).load(args.model or str(BUILTIN_MODEL_DIR), device=device)
-    recommended = recommended_sampling(model.config)
-    args.cond_scale = recommended["cond_scale"] if args.cond_scale is None else args.cond_scale
-    args.top_k = recommended["top_k"] if args.top_k is None else args.top_k
-    args.temperature = recommended["temperature"] if args.temperature is None else args.temperature
+    vars(args).update(recommended_sampling(model.config, cond_scale=args.cond_scale, top_k=args.top_k,
+                                           temperature=args.temperature))
     captions = heldout_captions(args.n, seed=args.seed)
     options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, cond_scale=args.cond_scale)
     t = time.time()

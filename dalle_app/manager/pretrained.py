@@ -45,13 +45,14 @@ def _jsonable(value):
     return value
 
 
-def recommended_sampling(config: dict) -> dict:
+def recommended_sampling(config: dict, **chosen) -> dict:
     """The sampling a model was trained for, from its config (or a loaded model's info, which carries the same
     `source`): {"cond_scale": float, "top_k": int, "temperature": float}; guidance off, top-k 64 and temperature 1
-    where it recommends nothing."""
+    where it recommends nothing. `chosen`: values the user gave (None = not given), which take precedence."""
     given = (config.get("source") or {}).get("recommended_sampling") or {}
-    return {"cond_scale": float(given.get("cond_scale", 1.0)), "top_k": int(given.get("top_k", 64)),
-            "temperature": float(given.get("temperature", 1.0))}
+    recommended = {"cond_scale": float(given.get("cond_scale", 1.0)), "top_k": int(given.get("top_k", 64)),
+                   "temperature": float(given.get("temperature", 1.0))}
+    return {**recommended, **{k: v for k, v in chosen.items() if v is not None}}
 
 
 def is_pretrained_config(config: dict) -> bool:

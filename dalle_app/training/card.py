@@ -43,15 +43,14 @@ def sample_grid(model, path, prompts=EXAMPLE_PROMPTS, top_k: int | None = None, 
     from ..evaluate import generate
     from ..manager import recommended_sampling
 
-    recommended = recommended_sampling(model.config)
+    recommended = recommended_sampling(model.config, top_k=top_k)
     settings = grid_settings(recommended["cond_scale"])
-    top_k = recommended["top_k"] if top_k is None else top_k
     cell, label_w = 128, 330
     grid = Image.new("RGB", (label_w + cell * len(settings), 20 + cell * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)
     for c, (name, kw, rerank) in enumerate(settings):
         draw.text((label_w + c * cell + 4, 4), name[:22], fill=(0, 0, 0))
-        options = SamplingOptions(top_k=top_k, temperature=recommended["temperature"], **kw)
+        options = SamplingOptions(top_k=recommended["top_k"], temperature=recommended["temperature"], **kw)
         images = generate(model, list(prompts), options, rerank=rerank, seed=seed)
         for r, img in enumerate(images):
             grid.paste(_to_pil(img), (label_w + c * cell, 20 + r * cell))
