@@ -17,6 +17,7 @@ import torch
 
 from ..models.token_step import decode_token
 from ..models.transformer import InferenceCache
+from . import cpu_step
 from .sampling import SamplingOptions, guide, sample
 
 ProgressFn = Callable[["Progress"], None]
@@ -70,18 +71,20 @@ def _seed_tensor(seeds, rows, device):
     return seeds, torch.tensor(seeds, dtype=torch.long, device=device)
 
 
-def _decode_step(dalle, kv, shifted, seeds, ids, pos, guided, cond_scale, temperature, top_k, top_p):
-    """Feed image tokens ids (rows, 1) at sequence position pos; return the next sampled image token per row."""
+def _decode_step(dalle, kv, shifted, seeds, ids, pos, guided, cond_scale, temperature, top_k, top_p, c_step=None):
+    """Feed image tokens ids (rows, 1) at sequence position pos; return the next sampled image token per row.
+    c_step: a `cpu_step.CpuStep` over this cache, which then runs the transformer and the head."""
     text_len = dalle.text_seq_len + 1
     feed = ids.repeat(2, 1) if guided else ids
     img_pos = pos - text_len
     x = dalle.embed_image(feed, img_pos)
     cache = InferenceCache(kv, shifted)
-    if torch.is_tensor(pos):  # captured or compiled: one program for every position
-        h = dalle.transformer(x, cache=cache, start=pos)[:, -1]
+    if c_step is not None:  # the CPU: the whole step in one compiled call
+        logits = c_step(x[:, -1], pos)
+    elif torch.is_tensor(pos):  # captured or compiled: one program for every position
+        logits = dalle.image_logits(dalle.transformer(x, cache=cache, start=pos)[:, -1])
     else:  # eager: the same step in far fewer operations
-        h = decode_token(dalle.transformer, x[:, -1], cache, pos)
-    logits = dalle.image_logits(h)
+        logits = dalle.image_logits(decode_token(dalle.transformer, x[:, -1], cache, pos))
     if guided:
         logits = guide(logits, cond_scale)
     # noise position = index of the token being chosen
@@ -116,6 +119,8 @@ class _Stepper:
         self.options = options
         self.top_k = options.effective_top_k(dalle.num_image_tokens, dalle.total_tokens)
         self.graph = None
+        eager = not use_graph and not compile
+        self.c_step = cpu_step.CpuStep(dalle, cache) if eager and cpu_step.supports(dalle, cache) else None
         # the position as a tensor: one graph or compiled program serves every position
         self.static_pos = torch.full((1,), dalle.text_seq_len + 1, dtype=torch.long, device=seeds.device)
         if use_graph:
@@ -126,7 +131,7 @@ class _Stepper:
         step = _compiled_step(mode) if self.compile else _decode_step
         c, o = self.cache, self.options
         return step(self.dalle, c.kv, c.shifted, self.seeds, ids, pos, self.guided, o.cond_scale, o.temperature,
-                    self.top_k, o.top_p)
+                    self.top_k, o.top_p, self.c_step)
 
     def _capture(self):
         dev = self.seeds.device
@@ -266,6 +271,7 @@ def complete_text(dalle, prefixes: list[list[int]], options: SamplingOptions | N
     completed = True
     top_k = options.effective_top_k(dalle.num_text_tokens, dalle.total_tokens)
     hidden = dalle.transformer(dalle.embed_text(prepared[:, :start + 1]), cache=cache, start=0)
+    c_step = cpu_step.CpuStep(dalle, cache) if cpu_step.supports(dalle, cache) else None
     for pos in range(start, T):  # hidden at position pos predicts text token pos (0-based)
         logits = dalle.logits(hidden[:, -1:], pos)[:, 0, :dalle.num_text_tokens]
         logits[:, 0] = float("-inf")  # id 0 is padding, never a real token
@@ -280,7 +286,10 @@ def complete_text(dalle, prefixes: list[list[int]], options: SamplingOptions | N
             completed = False
             break
         step_ids = torch.where(text[:, pos] == 0, dalle.vocab_text + pos, text[:, pos])
-        hidden = decode_token(dalle.transformer, dalle.embed_text(step_ids[:, None], pos + 1)[:, 0], cache, pos + 1)
-        hidden = hidden[:, None]
+        x = dalle.embed_text(step_ids[:, None], pos + 1)[:, 0]
+        if c_step is not None:
+            hidden = c_step(x, pos + 1, with_logits=False)[:, None]
+        else:
+            hidden = decode_token(dalle.transformer, x, cache, pos + 1)[:, None]
     dalle.train(was_training)
     return TextTokens(text, seeds, completed)

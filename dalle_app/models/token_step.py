@@ -30,7 +30,7 @@ class _TokenStep:
     def __init__(self, t: Transformer, cache: InferenceCache, pos: int, dtype: torch.dtype):
         self.t, self.cache, self.pos = t, cache, pos
         self.rotation = Rotary(*t.rotary_cos_sin[:, pos:pos + 1]).matrix.to(dtype) if t.rotary else None
-        self.shift = _shift_segments(t, cache, pos) if t.shift else None
+        self.shift = shift_segments(t, cache, pos) if t.shift else None
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         x1 = x2 = x
@@ -76,7 +76,7 @@ class _TokenStep:
         return packed_linear(h * F.gelu(gates), ff.proj_out.weight, ff.proj_out.bias, ff.proj_out)
 
 
-def _shift_segments(t: Transformer, cache: InferenceCache, pos: int) -> list[tuple[int | None, int, int]]:
+def shift_segments(t: Transformer, cache: InferenceCache, pos: int) -> list[tuple[int | None, int, int]]:
     """Token shift of position pos as channel ranges: (history row, lo, hi), row None for the token itself.
 
     From the same `shift_index` rule as the general path, computed once per position and history length."""
