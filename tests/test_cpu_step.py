@@ -12,21 +12,24 @@ pytestmark = pytest.mark.skipif(cpu_step.library() is None, reason=f"no C step h
 SUPPORTED = [name for name in CONFIGS if name != "reversible_sandwich"]
 
 
-def sparse_dalle():
-    dalle = make_dalle(attn_types=("full", "sparse"))
+def sparse_dalle(dim_head=16):
+    dalle = make_dalle(dim_head, attn_types=("full", "sparse"))
     layout = dalle.transformer.layers[1].attn.module.master_layout
     layout.copy_((torch.rand(layout.shape, generator=torch.Generator().manual_seed(0)) < 0.5).long()
                  | torch.eye(layout.shape[-1], dtype=torch.long))
     return dalle
 
 
+@pytest.mark.parametrize("dim_head", [16, 32, 64, 12])
 @pytest.mark.parametrize("name", [*SUPPORTED, "sandwich", "sparse"])
-def test_c_step_equals_the_pytorch_step(name):
+def test_c_step_equals_the_pytorch_step(name, dim_head):
     """Logits, hidden states and every cache write of the C step equal `decode_token` + `image_logits`, at text,
     first-image, row-start and inner positions, for each attention type, with and without rotary and token shift,
-    sandwich norms and shared layers."""
-    dalle = sparse_dalle() if name == "sparse" else make_dalle(**({"sandwich_norm": True} if name == "sandwich"
-                                                                 else CONFIGS[name]))
+    sandwich norms and shared layers, for head sizes with a vectorised attention (32, 64) and without (16, 12)."""
+    if name == "sparse":
+        dalle = sparse_dalle(dim_head)
+    else:
+        dalle = make_dalle(dim_head, **({"sandwich_norm": True} if name == "sandwich" else CONFIGS[name]))
     t = dalle.transformer
     tokens = dalle.embed(prompts(3), torch.randint(0, 48, (3, 30)))
     with torch.no_grad():

@@ -21,10 +21,10 @@ CONFIGS = {
 }
 
 
-def make_dalle(**kw):
+def make_dalle(dim_head=16, **kw):
     torch.manual_seed(0)
     vae = DiscreteVAE(image_size=32, num_layers=2, num_tokens=48, codebook_dim=16, hidden_dim=8)
-    return DALLE(dim=32, vae=vae, num_text_tokens=60, text_seq_len=T, depth=4, heads=2, dim_head=16, **kw).eval()
+    return DALLE(dim=32, vae=vae, num_text_tokens=60, text_seq_len=T, depth=4, heads=2, dim_head=dim_head, **kw).eval()
 
 
 def prompts(rows=3):

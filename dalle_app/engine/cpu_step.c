@@ -16,6 +16,43 @@ typedef float v8 __attribute__((vector_size(32)));
 
 static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8 splat(float f) { return (v8){f, f, f, f, f, f, f, f}; }
+static inline v8 select8(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
+
+/* e^x, vectorised (Cephes' expf: range reduction by ln 2 and a degree-6 polynomial, ~1 ulp); x < -87 gives ~0. */
+static inline v8 exp8(v8 x)
+{
+    x = select8(x < splat(-87.f), splat(-87.f), select8(x > splat(88.f), splat(88.f), x));
+    v8 n = x * splat(1.44269504088896341f) + splat(0.5f);
+    v8 whole = __builtin_convertvector(__builtin_convertvector(n, v8i), v8);  /* toward zero */
+    n = whole - select8(whole > n, splat(1.f), splat(0.f));                  /* floor */
+    x = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    v8 y = splat(1.9875691500e-4f);
+    y = y * x + splat(1.3981999507e-3f);
+    y = y * x + splat(8.3334519073e-3f);
+    y = y * x + splat(4.1665795894e-2f);
+    y = y * x + splat(1.6666665459e-1f);
+    y = y * x + splat(5.0000001201e-1f);
+    y = y * x * x + x + splat(1.f);
+    return y * (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
+}
+
+/* erf, vectorised (Abramowitz and Stegun 7.1.26, absolute error < 1.5e-7). */
+static inline v8 erf8(v8 x)
+{
+    v8i sign = (v8i)x & (v8i)splat(-0.f);
+    v8 a = (v8)((v8i)x & ~(v8i)splat(-0.f));
+    v8 t = splat(1.f) / (splat(1.f) + splat(0.3275911f) * a);
+    v8 poly = splat(1.061405429f);
+    poly = poly * t + splat(-1.453152027f);
+    poly = poly * t + splat(1.421413741f);
+    poly = poly * t + splat(-0.284496736f);
+    poly = poly * t + splat(0.254829592f);
+    v8 y = splat(1.f) - poly * t * exp8(-a * a);
+    return (v8)((v8i)y | sign);
+}
 static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 /* Mirrors of the ctypes structures in cpu_step.py. */
@@ -29,7 +66,8 @@ typedef struct {
 
 typedef struct {
     Branch attn, ff;
-    const float *qkv_w;                    /* (3 * heads * dim_head, dim), no bias */
+    const float *qkv_w;                    /* (3 * heads * dim_head, dim), no bias; this and the other
+                                              weights packed in panels (see linear) */
     const float *out_w, *out_b;            /* (dim, heads * dim_head), (dim) */
     const float *in_w, *in_b;              /* (2 * hidden, dim), (2 * hidden) */
     const float *proj_w, *proj_b;          /* (dim, hidden), (dim) */
@@ -42,54 +80,52 @@ typedef struct {
     int64_t batch, dim, heads, dim_head, hidden, depth, max_len, n_out, threads;
     const Layer *layers;
     const float *head_norm_w, *head_norm_b;  /* the head's LayerNorm (dim) */
-    const float *head_w, *head_b;            /* (n_out, dim), (n_out) */
+    const float *head_w, *head_b;            /* (n_out, dim) packed, (n_out) */
     float head_eps;
 } Model;
 
-/* y[m, o] = b[o] + sum_k x[m, k] w[o, k] for m < M, o < N; rows of x and y are K and N apart.
- * Two outputs at a time against four rows at a time: each weight row is read from memory once per call. */
-static void linear(const float *x, int64_t M, int64_t K, const float *w, const float *b, int64_t N, float *y)
+/* Weights are packed by cpu_step.py into panels of PANEL outputs: panel p holds w[p*PANEL + j, k] at
+ * [p][k][j] (zero past the last output), so a panel is read as one stream and each output is a vector lane. */
+#define PANEL 24
+
+/* rows (1..4) rows of x against one panel: acc[r][v] lane j = sum over k, in order, of x[r, k] w[o + 8v + j, k].
+ * Inlined with a constant `rows`, the accumulators stay in registers (12 + 3 weights + 1 broadcast). */
+static inline __attribute__((always_inline)) void panel_rows(const float *x, int64_t K, const float *panel,
+                                                              const float *b, int64_t o, int64_t N, float *y,
+                                                              const int rows)
 {
-    int64_t pairs = (N + 1) / 2;
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < pairs; p++) {
-        int64_t o = 2 * p, two = o + 1 < N;
-        const float *w0 = w + o * K, *w1 = two ? w0 + K : w0;
-        float b0 = b ? b[o] : 0.f, b1 = b && two ? b[o + 1] : 0.f;
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) {
-            const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
-            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
-            int64_t k = 0;
-            for (; k + 8 <= K; k += 8) {
-                v8 u = load8(w0 + k), v = load8(w1 + k), t;
-                t = load8(x0 + k); a0 += u * t; c0 += v * t;
-                t = load8(x1 + k); a1 += u * t; c1 += v * t;
-                t = load8(x2 + k); a2 += u * t; c2 += v * t;
-                t = load8(x3 + k); a3 += u * t; c3 += v * t;
-            }
-            float s[8] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3), hsum(c0), hsum(c1), hsum(c2), hsum(c3)};
-            for (; k < K; k++) {
-                s[0] += w0[k] * x0[k]; s[1] += w0[k] * x1[k]; s[2] += w0[k] * x2[k]; s[3] += w0[k] * x3[k];
-                s[4] += w1[k] * x0[k]; s[5] += w1[k] * x1[k]; s[6] += w1[k] * x2[k]; s[7] += w1[k] * x3[k];
-            }
-            for (int r = 0; r < 4; r++) {
-                y[(m + r) * N + o] = s[r] + b0;
-                if (two) y[(m + r) * N + o + 1] = s[4 + r] + b1;
-            }
+    v8 acc[4][3] = {{{0}}};
+    for (int64_t k = 0; k < K; k++) {
+        const float *pk = panel + k * PANEL;
+        v8 w0 = load8(pk), w1 = load8(pk + 8), w2 = load8(pk + 16);
+#if defined(__x86_64__)
+        __asm__("" : "+x"(w0), "+x"(w1), "+x"(w2));  /* keep them in registers: one load each, not one per row */
+#endif
+        for (int r = 0; r < rows; r++) {
+            v8 xr = splat(x[r * K + k]);
+            acc[r][0] += xr * w0; acc[r][1] += xr * w1; acc[r][2] += xr * w2;
         }
-        for (; m < M; m++) {
-            const float *x0 = x + m * K;
-            v8 a0 = {0}, c0 = {0};
-            int64_t k = 0;
-            for (; k + 8 <= K; k += 8) {
-                v8 t = load8(x0 + k);
-                a0 += load8(w0 + k) * t; c0 += load8(w1 + k) * t;
-            }
-            float s0 = hsum(a0), s1 = hsum(c0);
-            for (; k < K; k++) { s0 += w0[k] * x0[k]; s1 += w1[k] * x0[k]; }
-            y[m * N + o] = s0 + b0;
-            if (two) y[m * N + o + 1] = s1 + b1;
+    }
+    int64_t width = N - o < PANEL ? N - o : PANEL;
+    for (int r = 0; r < rows; r++)
+        for (int64_t j = 0; j < width; j++)
+            y[r * N + o + j] = acc[r][j / 8][j % 8] + (b ? b[o + j] : 0.f);
+}
+
+/* y[m, o] = b[o] + sum_k x[m, k] w[o, k] for m < M, o < N, w packed in panels; rows of x and y are K and N apart.
+ * Every output is summed in the same order whatever M and the thread, so results do not depend on the batch. */
+static void linear(const float *x, int64_t M, int64_t K, const float *packed, const float *b, int64_t N, float *y)
+{
+    int64_t panels = (N + PANEL - 1) / PANEL;
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        const float *panel = packed + p * K * PANEL;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) panel_rows(x + m * K, K, panel, b, p * PANEL, N, y + m * N, 4);
+        switch (M - m) {
+        case 3: panel_rows(x + m * K, K, panel, b, p * PANEL, N, y + m * N, 3); break;
+        case 2: panel_rows(x + m * K, K, panel, b, p * PANEL, N, y + m * N, 2); break;
+        case 1: panel_rows(x + m * K, K, panel, b, p * PANEL, N, y + m * N, 1); break;
         }
     }
 }
@@ -137,6 +173,73 @@ static void branch_output(const Model *m, const Branch *br, float *x, float *y)
     }
 }
 
+/* Softmax attention of one query q over keys 0..pos (those `allow` permits; NULL = all) into o, for a head of
+ * nv * 8 channels. Inlined with a constant nv, q and the output stay in registers. scores: room for pos + 8. */
+static inline __attribute__((always_inline)) void attend_vectors(const float *q, const float *keys,
+                                                                  const float *vals, int64_t pos,
+                                                                  const uint8_t *allow, float scale, float *scores,
+                                                                  float *o, const int nv)
+{
+    v8 qv[16], ov[16];
+    for (int c = 0; c < nv; c++) { qv[c] = load8(q + 8 * c); ov[c] = splat(0.f); }
+    float best = -INFINITY;
+    int64_t n = pos + 1;
+    for (int64_t j = 0; j < n; j++) {
+        if (allow && !allow[j]) { scores[j] = -INFINITY; continue; }
+        const float *kj = keys + j * 8 * nv;
+        v8 acc = qv[0] * load8(kj);
+        for (int c = 1; c < nv; c++) acc += qv[c] * load8(kj + 8 * c);
+        scores[j] = hsum(acc) * scale;
+        if (scores[j] > best) best = scores[j];
+    }
+    if (best == -INFINITY) {  /* no key allowed: zeros */
+        for (int c = 0; c < nv; c++) store8(o + 8 * c, splat(0.f));
+        return;
+    }
+    for (int64_t j = n; j % 8; j++) scores[j] = -INFINITY;
+    v8 total = splat(0.f);
+    for (int64_t j = 0; j < n; j += 8) {
+        v8 sj = load8(scores + j);
+        v8 p = (v8)((v8i)exp8(sj - splat(best)) & (sj > splat(-INFINITY)));  /* masked keys: exactly 0 */
+        store8(scores + j, p);
+        total += p;
+    }
+    for (int64_t j = 0; j < n; j++) {
+        if (scores[j] == 0.f) continue;
+        const float *vj = vals + j * 8 * nv;
+        v8 p = splat(scores[j]);
+        for (int c = 0; c < nv; c++) ov[c] += p * load8(vj + 8 * c);
+    }
+    v8 inv = splat(1.f / hsum(total));
+    for (int c = 0; c < nv; c++) store8(o + 8 * c, ov[c] * inv);
+}
+
+/* The same for any head size, one channel at a time. */
+static void attend_scalar(const float *q, const float *keys, const float *vals, int64_t pos, const uint8_t *allow,
+                          float scale, float *scores, float *o, int64_t D)
+{
+    float best = -INFINITY, total = 0.f;
+    for (int64_t j = 0; j <= pos; j++) {
+        float s = -INFINITY;
+        if (!allow || allow[j]) {
+            s = 0.f;
+            for (int64_t c = 0; c < D; c++) s += q[c] * keys[j * D + c];
+            s *= scale;
+        }
+        scores[j] = s;
+        if (s > best) best = s;
+    }
+    memset(o, 0, D * sizeof(float));
+    if (best == -INFINITY) return;
+    for (int64_t j = 0; j <= pos; j++) {
+        if (scores[j] == -INFINITY) continue;
+        float p = expf(scores[j] - best);
+        total += p;
+        for (int64_t c = 0; c < D; c++) o[c] += p * vals[j * D + c];
+    }
+    for (int64_t c = 0; c < D; c++) o[c] /= total;
+}
+
 /* Rotate (rotary) this token's q, k and v, store k and v in the cache at pos, attend over keys 0..pos. */
 static void attend(const Model *m, const Layer *L, float *qkv, int64_t pos, const float *cos, const float *sin,
                    float *out, float *scores_all)
@@ -159,51 +262,31 @@ static void attend(const Model *m, const Layer *L, float *qkv, int64_t pos, cons
         memcpy(vals + pos * D, v, D * sizeof(float));
         const uint8_t *allow = NULL;
         if (L->mask) allow = L->mask + ((L->mask_heads > 1 ? hd : 0) * L->mask_seq + pos) * L->mask_seq;
-        float *scores = scores_all + bh * (T + 1), best = -INFINITY;
-        for (int64_t j = 0; j <= pos; j++) {
-            if (allow && !allow[j]) { scores[j] = -INFINITY; continue; }
-            const float *kj = keys + j * D;
-            float s;
-            if (D % 8 == 0) {
-                v8 acc = {0};
-                for (int64_t c = 0; c < D; c += 8) acc += load8(q + c) * load8(kj + c);
-                s = hsum(acc);
-            } else {
-                s = 0.f;
-                for (int64_t c = 0; c < D; c++) s += q[c] * kj[c];
-            }
-            scores[j] = s * scale;
-            if (scores[j] > best) best = scores[j];
+        float *scores = scores_all + bh * (T + 8), *o = out + r * inner + hd * D;
+        switch (D) {
+        case 32: attend_vectors(q, keys, vals, pos, allow, scale, scores, o, 4); break;
+        case 64: attend_vectors(q, keys, vals, pos, allow, scale, scores, o, 8); break;
+        case 128: attend_vectors(q, keys, vals, pos, allow, scale, scores, o, 16); break;
+        default: attend_scalar(q, keys, vals, pos, allow, scale, scores, o, D);
         }
-        float *o = out + r * inner + hd * D, total = 0.f;
-        memset(o, 0, D * sizeof(float));
-        if (best == -INFINITY) continue;  /* no key allowed: zeros */
-        for (int64_t j = 0; j <= pos; j++) {
-            if (scores[j] == -INFINITY) continue;
-            float p = expf(scores[j] - best);
-            total += p;
-            const float *vj = vals + j * D;
-            if (D % 8 == 0) {
-                v8 pv = {p, p, p, p, p, p, p, p};
-                for (int64_t c = 0; c < D; c += 8) store8(o + c, load8(o + c) + pv * load8(vj + c));
-            } else {
-                for (int64_t c = 0; c < D; c++) o[c] += p * vj[c];
-            }
-        }
-        for (int64_t c = 0; c < D; c++) o[c] /= total;
     }
 }
 
-/* GEGLU: g[m, c] = u[m, c] * gelu(u[m, hidden + c]), exact (erf) gelu. */
+/* GEGLU: g[m, c] = u[m, c] * gelu(u[m, hidden + c]), gelu(z) = z (1 + erf(z / sqrt 2)) / 2. */
 static void geglu(const Model *m, const float *u, float *g)
 {
     int64_t F = m->hidden;
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < m->batch; r++)
-        for (int64_t c = 0; c < F; c++) {
-            float gate = u[r * 2 * F + F + c];
-            g[r * F + c] = u[r * 2 * F + c] * (0.5f * gate * (1.f + erff(gate * 0.70710678118654752f)));
+    for (int64_t r = 0; r < m->batch; r++) {
+        const float *ur = u + r * 2 * F, *gate = ur + F;
+        float *gr = g + r * F;
+        int64_t c = 0;
+        for (; c + 8 <= F; c += 8) {
+            v8 z = load8(gate + c);
+            store8(gr + c, load8(ur + c) * (splat(0.5f) * z * (splat(1.f) + erf8(z * splat(0.70710678118654752f)))));
         }
+        for (; c < F; c++) gr[c] = ur[c] * (0.5f * gate[c] * (1.f + erff(gate[c] * 0.70710678118654752f)));
+    }
 }
 
 /* Run the token x (batch, dim) at position pos through every layer (x is overwritten with the output), then, when
@@ -216,7 +299,7 @@ int dalle_step(const Model *m, float *x, int64_t pos, const float *cos, const fl
     int64_t B = m->batch, dim = m->dim, inner = m->heads * m->dim_head, F = m->hidden;
     int64_t widest = 3 * inner > 2 * F ? 3 * inner : 2 * F;
     if (widest < dim) widest = dim;
-    size_t floats = (size_t)B * (3 * dim + widest + inner + F) + (size_t)B * m->heads * (m->max_len + 1);
+    size_t floats = (size_t)B * (3 * dim + widest + inner + F) + (size_t)B * m->heads * (m->max_len + 8);
     float *work = malloc(floats * sizeof(float));
     if (!work) return -1;
     float *normed = work, *h = normed + B * dim, *y = h + B * dim, *wide = y + B * dim;
@@ -247,3 +330,6 @@ int dalle_step(const Model *m, float *x, int64_t pos, const float *cos, const fl
     free(work);
     return 0;
 }
+
+/* The panel width the weights must be packed with. */
+int dalle_panel_width(void) { return PANEL; }

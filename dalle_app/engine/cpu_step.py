@@ -113,6 +113,7 @@ def library() -> ctypes.CDLL | None:
         except (OSError, subprocess.SubprocessError) as err:
             errors.append(f"{' '.join(flags)}: {err}")
             continue
+        lib.dalle_panel_width.restype = ctypes.c_int
         lib.dalle_step.restype = ctypes.c_int
         lib.dalle_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
@@ -124,6 +125,21 @@ def library() -> ctypes.CDLL | None:
 def unavailable_reason() -> str | None:
     """Why `library()` is None (after it was called), else None."""
     return _reason
+
+
+def packed_weight(weight: torch.Tensor, holder: nn.Module, name: str = "_c_step_weight") -> torch.Tensor:
+    """`weight` (n, k) laid out for the C step's products: panels of `dalle_panel_width()` outputs, (panels, k, width),
+    zero-padded. Kept on `holder` and rebuilt when the weight changes (new tensor or in-place update)."""
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    cached = holder.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        width = library().dalle_panel_width()
+        n, k = weight.shape
+        padded = torch.zeros((n + width - 1) // width * width, k, dtype=torch.float32)
+        padded[:n] = weight.detach()
+        cached = (key, padded.view(-1, width, k).transpose(1, 2).contiguous())
+        holder.__dict__[name] = cached
+    return cached[1]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -166,21 +182,25 @@ class CpuStep:
             layers[i] = _Layer(
                 self._branch(layer.attn, cache.shifted[2 * i] if cache.shifted else None),
                 self._branch(layer.ff, cache.shifted[2 * i + 1] if cache.shifted else None),
-                _ptr(attn.to_qkv.weight), _ptr(attn.to_out.weight), _ptr(attn.to_out.bias),
-                _ptr(ff.proj_in.weight), _ptr(ff.proj_in.bias), _ptr(ff.proj_out.weight), _ptr(ff.proj_out.bias),
+                self._packed(attn.to_qkv), self._packed(attn.to_out), _ptr(attn.to_out.bias),
+                self._packed(ff.proj_in), _ptr(ff.proj_in.bias), self._packed(ff.proj_out), _ptr(ff.proj_out.bias),
                 _ptr(mask), (mask.shape[0] if mask is not None and mask.dim() == 3 else 1),
                 (mask.shape[-1] if mask is not None else 0), _ptr(cache.kv[i]))
         norm, proj = dalle.to_logits
         n_text = dalle.num_text_tokens
-        head_w, head_b = self._hold(proj.weight[n_text:].contiguous()), self._hold(proj.bias[n_text:].contiguous())
+        head_w = self._hold(packed_weight(proj.weight[n_text:], proj, "_c_step_image_head"))
+        head_b = self._hold(proj.bias[n_text:].contiguous())
         hidden = t.layers[0].ff.module.proj_out.weight.shape[1]
-        self.n_out = head_w.shape[0]
+        self.n_out = dalle.num_image_tokens
         self._model = _Model(batch, t.dim, t.heads, t.dim_head, hidden, t.depth, cache.kv[0].shape[3], self.n_out,
                              threads or torch.get_num_threads(), layers, _ptr(norm.weight), _ptr(norm.bias),
                              _ptr(head_w), _ptr(head_b), norm.eps)
         self._layers = layers
         self.batch = batch
         self._positions: dict[int, tuple] = {}
+
+    def _packed(self, linear: nn.Linear) -> int:
+        return self._hold(packed_weight(linear.weight, linear)).data_ptr()
 
     def _hold(self, tensor: torch.Tensor) -> torch.Tensor:
         self._keep.append(tensor)
