@@ -21,6 +21,22 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 static inline v8 splat(float f) { return (v8){f, f, f, f, f, f, f, f}; }
 static inline v8 select8(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
 
+/* [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7], as x86's vhaddps. */
+static inline v8 pair_sums(v8 a, v8 b)
+{
+    return __builtin_shuffle(a, b, (v8i){0, 2, 8, 10, 4, 6, 12, 14}) +
+           __builtin_shuffle(a, b, (v8i){1, 3, 9, 11, 5, 7, 13, 15});
+}
+
+/* Lane t = the sum of the lanes of a[t]: eight horizontal sums at once. */
+static inline v8 lane_sums(const v8 a[8])
+{
+    v8 g0 = pair_sums(pair_sums(a[0], a[1]), pair_sums(a[2], a[3]));
+    v8 g1 = pair_sums(pair_sums(a[4], a[5]), pair_sums(a[6], a[7]));
+    return __builtin_shuffle(g0, g1, (v8i){0, 1, 2, 3, 8, 9, 10, 11}) +
+           __builtin_shuffle(g0, g1, (v8i){4, 5, 6, 7, 12, 13, 14, 15});
+}
+
 /* e^x, vectorised (Cephes' expf: range reduction by ln 2 and a degree-6 polynomial, ~1 ulp); x < -87 gives ~0. */
 static inline v8 exp8(v8 x)
 {
@@ -182,14 +198,25 @@ static inline __attribute__((always_inline)) void attend_vectors(const float *q,
 {
     v8 qv[16], ov[16];
     for (int c = 0; c < nv; c++) { qv[c] = load8(q + 8 * c); ov[c] = splat(0.f); }
-    float best = -INFINITY;
-    int64_t n = pos + 1;
-    for (int64_t j = 0; j < n; j++) {
-        if (allow && !allow[j]) { scores[j] = -INFINITY; continue; }
+    int64_t n = pos + 1, j = 0;
+    for (; j + 8 <= n; j += 8) {  /* eight keys at a time */
+        v8 acc[8];
+        for (int t = 0; t < 8; t++) {
+            const float *kj = keys + (j + t) * 8 * nv;
+            acc[t] = qv[0] * load8(kj);
+            for (int c = 1; c < nv; c++) acc[t] += qv[c] * load8(kj + 8 * c);
+        }
+        store8(scores + j, lane_sums(acc) * splat(scale));
+    }
+    for (; j < n; j++) {
         const float *kj = keys + j * 8 * nv;
         v8 acc = qv[0] * load8(kj);
         for (int c = 1; c < nv; c++) acc += qv[c] * load8(kj + 8 * c);
         scores[j] = hsum(acc) * scale;
+    }
+    float best = -INFINITY;
+    for (j = 0; j < n; j++) {
+        if (allow && !allow[j]) scores[j] = -INFINITY;
         if (scores[j] > best) best = scores[j];
     }
     if (best == -INFINITY) {  /* no key allowed: zeros */
