@@ -1,4 +1,5 @@
-"""Sampling engine: fast, reproducible generation on top of `dalle_app.models` (no UI, no file I/O)."""
+"""Sampling engine: fast, reproducible generation on top of `dalle_app.models` (no UI; its one file I/O is the
+build cache of the compiled CPU step, `cpu_step`)."""
 
 from .generate import ImageTokens, Progress, TextTokens, complete_text, generate_image_tokens
 from .memory import estimate_request_bytes, generate_in_chunks

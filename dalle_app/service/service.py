@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..engine import complete_text as engine_complete_text, generate_image_tokens, generate_in_chunks
+from ..engine import complete_text as engine_complete_text, cpu_step, generate_image_tokens, generate_in_chunks
 from ..errors import RequestError
 from ..images import load_image, psnr, to_pil, token_grid_picture
 from ..outputs import OutputFolder, Retention, png_parameters
@@ -98,12 +98,18 @@ class Service:
         from ..manager import Catalog
 
         reference = Catalog().get(str(reference).strip())
-        model = in_fresh_thread(self.manager.load, reference)
+        model = in_fresh_thread(self._load, reference)
         with self._lock:
             self.model, self.default_reference = model, reference
         return model.info()
 
     # ------------------------------------------------------------------------------------------- helpers
+
+    def _load(self, reference: str):
+        model = self.manager.load(reference)
+        if next(model.dalle.parameters()).device.type == "cpu":
+            cpu_step.library()  # build the C decoding step now (under a second, once per CPU), not in a request
+        return model
 
     def _tokenize(self, m, prompt: str, length: int | None = None, allow_empty: bool = False):
         prompt = (prompt or "").strip()
