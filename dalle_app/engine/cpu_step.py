@@ -148,14 +148,17 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def supports(dalle, cache) -> bool:
     """Whether the C step computes this model's decoding step over this cache: float32 on the CPU, contiguous
-    buffers, a non-reversible stack without the `stable` max-division, GEGLU feed-forwards; and the library built."""
+    buffers, a non-reversible stack without the `stable` max-division, GEGLU feed-forwards, an even head size
+    with rotary; and the library built."""
     t = dalle.transformer
-    tensors = list(cache.kv) + list(cache.shifted or [])
+    tensors = [*cache.kv, *(cache.shifted or []), *dalle.parameters()]
     if any(x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() for x in tensors):
         return False
     if t.reversible or not isinstance(dalle.norm_by_max, nn.Identity) or not t.causal:
         return False
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in dalle.parameters()):
+    if t.rotary and t.dim_head % 2:
+        return False
+    if cache.shifted is not None and cache.shifted[0].shape[1] != cache.kv[0].shape[3] + 1:
         return False
     for layer in t.layers:
         if not isinstance(layer.attn.module, Attention) or not isinstance(layer.ff.module, FeedForward):
