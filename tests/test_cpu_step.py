@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dalle_app.engine import SamplingOptions, complete_text, cpu_step, generate_image_tokens
+from dalle_app.engine import SamplingOptions, complete_text, cpu_step, generate_image_tokens, guide
+from dalle_app.engine.sampling import sample_plain
 from dalle_app.models.token_step import decode_token
 from test_engine import CONFIGS, T, make_dalle, prompts
 
@@ -81,6 +82,27 @@ def test_engine_results_match_with_and_without_the_c_step(monkeypatch):
     assert not used
     assert torch.equal(with_c, without)
     assert torch.equal(text_c, text_torch)
+
+
+def test_c_sampler_picks_the_tokens_of_the_pytorch_sampler():
+    """Guidance, top-k (including ties at the k-th value and no filter), temperature and the seeded Gumbel noise in
+    C pick the same token as `sample_plain(guide(...))` for every row."""
+    dalle = make_dalle()
+    step = cpu_step.CpuStep(dalle, dalle.new_cache(3))
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        logits = torch.randn(6, 1024, generator=g) * 3
+        if trial % 4 == 0:
+            logits = logits.round()  # many ties
+        seeds = torch.randint(0, 2 ** 31 - 1, (3,), generator=g)
+        position = int(torch.randint(0, 5000, (1,), generator=g))
+        for top_k in (None, 1, 8, 1023):
+            for cond_scale in (None, 1.5, 3.0):
+                rows = logits if cond_scale is not None else logits[:3]
+                guided = guide(rows, cond_scale) if cond_scale is not None else rows
+                expected = sample_plain(guided, seeds, position, 0.9, top_k, None)
+                got = step.sample(rows, seeds, position, 0.9, top_k, cond_scale)
+                assert torch.equal(got, expected), (trial, top_k, cond_scale)
 
 
 def test_supports_only_what_the_c_step_computes():

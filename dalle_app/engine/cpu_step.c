@@ -358,5 +358,73 @@ int dalle_step(const Model *m, float *x, int64_t pos, const float *cos, const fl
     return 0;
 }
 
+/* The engine's counter-based noise (sampling.py): uniform in (0, 1) from (seed, position, token id). Signed 64-bit
+ * arithmetic that wraps, as PyTorch's int64 tensors do. */
+#define MASK62 ((int64_t)((1ULL << 62) - 1))
+static inline int64_t wrap_mul(int64_t a, int64_t b) { return (int64_t)((uint64_t)a * (uint64_t)b); }
+static inline int64_t mix(int64_t x)
+{
+    x = wrap_mul(x ^ (x >> 31), 0x3F58476D1CE4E5B9LL) & MASK62;
+    x = wrap_mul(x ^ (x >> 29), 0x14D049BB133111EBLL) & MASK62;
+    return x ^ (x >> 32);
+}
+static inline float uniform_noise(int64_t seed, int64_t position, int64_t id)
+{
+    int64_t x = (int64_t)((uint64_t)wrap_mul(seed, 0x1E3779B97F4A7C15LL) +
+                          (uint64_t)mix((int64_t)((uint64_t)wrap_mul(position, 0x3F58476D1CE4E5B9LL) + id + 1))) & MASK62;
+    x = mix(x);
+    return ((float)((x >> 38) & 0xFFFFFF) + 0.5f) / (float)(1 << 24);
+}
+
+/* The k-th largest of v[0..n) (v is reordered), by quickselect. */
+static float kth_largest(float *v, int64_t n, int64_t k)
+{
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = v[(lo + hi) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) { float t = v[i]; v[i] = v[j]; v[j] = t; i++; j--; }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    return v[want];
+}
+
+/* One token per image row from logits (rows or, guided, 2 * rows, vocab): classifier-free guidance
+ * null + (cond - null) * cond_scale, then exact sampling from softmax(top-k(logits) / temperature) by Gumbel-max
+ * with the engine's noise: the same rule as sampling.sample_plain. top_k <= 0 or >= vocab: no filter. */
+__attribute__((optimize("fp-contract=off")))  /* round as PyTorch's separate multiply and add do */
+int dalle_sample(const float *logits, int64_t rows, int64_t vocab, int guided, float cond_scale, float temperature,
+                 int64_t top_k, const int64_t *seeds, int64_t position, int64_t *out)
+{
+    float *row = malloc(2 * vocab * sizeof(float));
+    if (!row) return -1;
+    float *scratch = row + vocab;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *cond = logits + r * vocab, *null = logits + (rows + r) * vocab;
+        for (int64_t v = 0; v < vocab; v++) row[v] = guided ? null[v] + (cond[v] - null[v]) * cond_scale : cond[v];
+        float threshold = -INFINITY;
+        if (top_k > 0 && top_k < vocab) {
+            memcpy(scratch, row, vocab * sizeof(float));
+            threshold = kth_largest(scratch, vocab, top_k);
+        }
+        int64_t best = 0;
+        float best_score = -INFINITY;
+        for (int64_t v = 0; v < vocab; v++) {
+            if (row[v] < threshold) continue;
+            float score = row[v] / temperature - logf(-logf(uniform_noise(seeds[r], position, v)));
+            if (score > best_score) { best_score = score; best = v; }
+        }
+        out[r] = best;
+    }
+    free(row);
+    return 0;
+}
+
 /* The panel width the weights must be packed with. */
 int dalle_panel_width(void) { return PANEL; }

@@ -114,6 +114,9 @@ def library() -> ctypes.CDLL | None:
             errors.append(f"{' '.join(flags)}: {err}")
             continue
         lib.dalle_panel_width.restype = ctypes.c_int
+        lib.dalle_sample.restype = ctypes.c_int
+        lib.dalle_sample.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_float,
+                                     ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.dalle_step.restype = ctypes.c_int
         lib.dalle_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
@@ -229,6 +232,23 @@ class CpuStep:
             self._positions[pos] = ((cos, sin, segments), _ptr(cos), _ptr(sin), _ptr(segments),
                                     len(segments) if segments is not None else 0)
         return self._positions[pos][1:]
+
+    def sample(self, logits: torch.Tensor, seeds: torch.Tensor, position: int, temperature: float,
+               top_k: int | None, cond_scale: float | None = None) -> torch.Tensor:
+        """`sampling.sample_plain(guide(logits, cond_scale), ...)` without top-p, in one C call: one token (rows,)
+        per image from logits (rows, vocab), or (2 * rows, vocab) [conditional; unconditional] with cond_scale."""
+        logits = logits.to(torch.float32).contiguous()
+        seeds = seeds.to(torch.int64).contiguous()
+        rows = seeds.shape[0]
+        if logits.shape[0] != rows * (2 if cond_scale is not None else 1):
+            raise ValueError(f"got {logits.shape[0]} rows of logits for {rows} seeds.")
+        out = torch.empty(rows, dtype=torch.int64)
+        status = self._lib.dalle_sample(logits.data_ptr(), rows, logits.shape[1], cond_scale is not None,
+                                        1.0 if cond_scale is None else cond_scale, temperature, top_k or 0,
+                                        seeds.data_ptr(), position, out.data_ptr())
+        if status != 0:
+            raise MemoryError("the CPU sampler could not allocate its scratch memory.")
+        return out
 
     def __call__(self, x: torch.Tensor, pos: int, with_logits: bool = True) -> torch.Tensor:
         """Image logits (batch, num_image_tokens) for the tokens x (batch, dim) at position pos; with

@@ -73,14 +73,17 @@ def _seed_tensor(seeds, rows, device):
 
 def _decode_step(dalle, kv, shifted, seeds, ids, pos, guided, cond_scale, temperature, top_k, top_p, c_step=None):
     """Feed image tokens ids (rows, 1) at sequence position pos; return the next sampled image token per row.
-    c_step: a `cpu_step.CpuStep` over this cache, which then runs the transformer and the head."""
+    c_step: a `cpu_step.CpuStep` over this cache, which then runs the transformer, the head and (without top-p)
+    guidance and sampling."""
     text_len = dalle.text_seq_len + 1
     feed = ids.repeat(2, 1) if guided else ids
     img_pos = pos - text_len
     x = dalle.embed_image(feed, img_pos)
     cache = InferenceCache(kv, shifted)
-    if c_step is not None:  # the CPU: the whole step in one compiled call
+    if c_step is not None:  # the CPU: the whole step in one compiled call, and the sampling in another
         logits = c_step(x[:, -1], pos)
+        if top_p is None:
+            return c_step.sample(logits, seeds, img_pos + 1, temperature, top_k, cond_scale if guided else None)
     elif torch.is_tensor(pos):  # captured or compiled: one program for every position
         logits = dalle.image_logits(dalle.transformer(x, cache=cache, start=pos)[:, -1])
     else:  # eager: the same step in far fewer operations
