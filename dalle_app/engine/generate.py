@@ -17,7 +17,7 @@ import torch
 
 from ..models.token_step import decode_token
 from ..models.transformer import InferenceCache
-from . import cpu_step
+from . import cpu_step, gpu_step
 from .sampling import SamplingOptions, guide, sample
 
 ProgressFn = Callable[["Progress"], None]
@@ -71,19 +71,20 @@ def _seed_tensor(seeds, rows, device):
     return seeds, torch.tensor(seeds, dtype=torch.long, device=device)
 
 
-def _decode_step(dalle, kv, shifted, seeds, ids, pos, guided, cond_scale, temperature, top_k, top_p, c_step=None):
+def _decode_step(dalle, kv, shifted, seeds, ids, pos, guided, cond_scale, temperature, top_k, top_p,
+                 fused_step=None):
     """Feed image tokens ids (rows, 1) at sequence position pos; return the next sampled image token per row.
-    c_step: a `cpu_step.CpuStep` over this cache, which then runs the transformer, the head and (without top-p)
-    guidance and sampling."""
+    fused_step: a `cpu_step.CpuStep` or `gpu_step.GpuStep` over this cache, which then runs the transformer and the
+    head (and the CpuStep, without top-p, guidance and sampling)."""
     text_len = dalle.text_seq_len + 1
     feed = ids.repeat(2, 1) if guided else ids
     img_pos = pos - text_len
     x = dalle.embed_image(feed, img_pos)
     cache = InferenceCache(kv, shifted)
-    if c_step is not None:  # the CPU: the whole step in one compiled call, and the sampling in another
-        logits = c_step(x[:, -1], pos)
-        if top_p is None:
-            return c_step.sample(logits, seeds, img_pos + 1, temperature, top_k, cond_scale if guided else None)
+    if fused_step is not None:  # one C call on the CPU, five Triton kernels a layer on CUDA
+        logits = fused_step(x[:, -1], pos)
+        if top_p is None and isinstance(fused_step, cpu_step.CpuStep):  # and the sampling in another C call
+            return fused_step.sample(logits, seeds, img_pos + 1, temperature, top_k, cond_scale if guided else None)
     elif torch.is_tensor(pos):  # captured or compiled: one program for every position
         logits = dalle.image_logits(dalle.transformer(x, cache=cache, start=pos)[:, -1])
     else:  # eager: the same step in far fewer operations
@@ -123,7 +124,11 @@ class _Stepper:
         self.top_k = options.effective_top_k(dalle.num_image_tokens, dalle.total_tokens)
         self.graph = None
         eager = not use_graph and not compile
-        self.c_step = cpu_step.CpuStep(dalle, cache) if eager and cpu_step.supports(dalle, cache) else None
+        self.fused_step = None
+        if eager and cpu_step.supports(dalle, cache):
+            self.fused_step = cpu_step.CpuStep(dalle, cache)
+        elif not compile and gpu_step.supports(dalle, cache):
+            self.fused_step = gpu_step.GpuStep(dalle, cache)
         # the position as a tensor: one graph or compiled program serves every position
         self.static_pos = torch.full((1,), dalle.text_seq_len + 1, dtype=torch.long, device=seeds.device)
         if use_graph:
@@ -134,7 +139,7 @@ class _Stepper:
         step = _compiled_step(mode) if self.compile else _decode_step
         c, o = self.cache, self.options
         return step(self.dalle, c.kv, c.shifted, self.seeds, ids, pos, self.guided, o.cond_scale, o.temperature,
-                    self.top_k, o.top_p, self.c_step)
+                    self.top_k, o.top_p, self.fused_step)
 
     def _capture(self):
         dev = self.seeds.device
@@ -151,7 +156,8 @@ class _Stepper:
 
     def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         if self.graph is None:
-            return self._run_step(ids, self.static_pos.fill_(pos) if self.compile else pos)
+            tensor_pos = self.compile or isinstance(self.fused_step, gpu_step.GpuStep)
+            return self._run_step(ids, self.static_pos.fill_(pos) if tensor_pos else pos)
         self.static_ids.copy_(ids)
         self.static_pos.fill_(pos)
         self.graph.replay()

@@ -58,14 +58,16 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, qkv_stride_b, kv_ptr, kv_stride_kv, kv_stride_b, kv_stride_h,
-                                 kv_stride_n, start_ptr, mask_ptr, mask_stride_b, mask_stride_h, mask_stride_n,
-                                 cos_ptr, sin_ptr, out_ptr, out_stride_b, heads, scale, MAX_LEN: tl.constexpr,
+                                 kv_stride_n, start_ptr, mask_ptr, mask_stride_b, mask_stride_h, mask_stride_q,
+                                 mask_stride_n, cos_ptr, sin_ptr, rot_stride, out_ptr, out_stride_b, heads, scale,
+                                 MAX_LEN: tl.constexpr,
                                  DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                                  ROTARY: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         d = tl.arange(0, BLOCK_D)
         in_d = d < DIM
+        start = tl.load(start_ptr)
 
         # q, k, v of the new token: (3, heads, dim_head) in the qkv row
         q_ptr = qkv_ptr + b * qkv_stride_b + h * DIM
@@ -77,8 +79,8 @@ if triton is not None:
         if ROTARY:  # x * cos + swap_pairs(x) * signed sin
             pair = d ^ 1
             in_pair = pair < DIM
-            cos = tl.load(cos_ptr + d, mask=in_d, other=1.0).to(tl.float32)
-            sin = tl.load(sin_ptr + d, mask=in_d, other=0.0).to(tl.float32)
+            cos = tl.load(cos_ptr + start * rot_stride + d, mask=in_d, other=1.0).to(tl.float32)
+            sin = tl.load(sin_ptr + start * rot_stride + d, mask=in_d, other=0.0).to(tl.float32)
             q = q * cos + tl.load(q_ptr + pair, mask=in_pair, other=0.0).to(tl.float32) * sin
             k = k * cos + tl.load(k_ptr + pair, mask=in_pair, other=0.0).to(tl.float32) * sin
             v = v * cos + tl.load(v_ptr + pair, mask=in_pair, other=0.0).to(tl.float32) * sin
@@ -88,7 +90,6 @@ if triton is not None:
         k_new = k.to(kv_ptr.dtype.element_ty)
         v_new = v.to(kv_ptr.dtype.element_ty)
 
-        start = tl.load(start_ptr)
         k_cache = kv_ptr + b * kv_stride_b + h * kv_stride_h
         v_cache = k_cache + kv_stride_kv
         tl.store(k_cache + start * kv_stride_n + d, k_new, mask=in_d)
@@ -96,7 +97,7 @@ if triton is not None:
         k = k_new.to(tl.float32)
         v = v_new.to(tl.float32)
 
-        mask_row = mask_ptr + b * mask_stride_b + h * mask_stride_h
+        mask_row = mask_ptr + b * mask_stride_b + h * mask_stride_h + start * mask_stride_q
         m_i = tl.max(tl.full([BLOCK_N], -1.0e30, tl.float32), axis=0)  # finite: a fully masked block adds 0
         l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
         acc = tl.zeros([BLOCK_D], tl.float32)
@@ -123,32 +124,43 @@ if triton is not None:
 
 
 def decode_attention(qkv: torch.Tensor, kv_cache: torch.Tensor, start: torch.Tensor, mask: torch.Tensor,
-                     cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int, dim_head: int) -> torch.Tensor:
+                     cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int, dim_head: int,
+                     tables: bool = False) -> torch.Tensor:
     """One decoding step of an attention layer in one kernel: (b, 1, heads * dim_head), heads outer, in qkv's dtype.
 
     qkv: the to_qkv output of the new token, (b, 1, 3 * heads * dim_head) laid out as (3, heads, dim_head).
     kv_cache: the layer's (2, b, heads, max_len, dim_head) keys and values; the rotated k and v are stored at
     position `start` (a one-element long tensor on the same device). mask: bool, broadcastable to
     (b, heads, 1, max_len), True = may attend. cos, sin: the rotary tables of this position, (1, dim_head) each,
-    sin signed as in `rotary_tables` (None, None: no rotary). Equals rotary.apply, write_kv and attend_static_cache
-    for a causal mask: keys after `start` are not attended whatever the mask says (they are not written yet).
+    sin signed as in `rotary_tables` (None, None: no rotary). With `tables=True` mask is instead the layer's whole
+    (max_len, max_len) or (heads, max_len, max_len) mask and cos, sin the (max_len, dim_head) tables of every
+    position: the kernel reads the rows of `start` itself, so a captured step needs no gathers. Equals
+    rotary.apply, write_kv and attend_static_cache for a causal mask: keys after `start` are not attended whatever
+    the mask says (they are not written yet).
     """
     b = qkv.shape[0]
     max_len = kv_cache.shape[3]
     qkv = qkv.reshape(b, 3 * heads * dim_head)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    mask = mask.broadcast_to(b, heads, 1, max_len)
+    if tables:  # (heads|1, max_len, max_len): broadcast over the batch, the query row chosen in the kernel
+        mask = mask.reshape(-1, max_len, max_len)
+        mask_strides = (0, mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(1), mask.stride(2))
+    else:
+        mask = mask.broadcast_to(b, heads, 1, max_len)
+        mask_strides = (mask.stride(0), mask.stride(1), 0, mask.stride(3))
     rotary = cos is not None
     if rotary:
         cos, sin = cos.contiguous(), sin.contiguous()
+        rot_stride = cos.stride(0) if tables else 0
     else:
         cos = sin = qkv  # unused pointers
+        rot_stride = 0
     out = torch.empty(b, 1, heads * dim_head, dtype=qkv.dtype, device=qkv.device)
     block_d, block_n, num_warps = _launch_config(dim_head)
     kv_stride = kv_cache.stride()
     _decode_attention_kernel[(b, heads)](
         qkv, qkv.stride(0), kv_cache, kv_stride[0], kv_stride[1], kv_stride[2], kv_stride[3], start,
-        mask, mask.stride(0), mask.stride(1), mask.stride(3), cos, sin, out, out.stride(0), heads, dim_head ** -0.5,
+        mask, *mask_strides, cos, sin, rot_stride, out, out.stride(0), heads, dim_head ** -0.5,
         MAX_LEN=max_len, DIM=dim_head, BLOCK_D=block_d, BLOCK_N=block_n, ROTARY=rotary, num_warps=num_warps)
     return out

@@ -1,0 +1,80 @@
+"""The Triton decoding step (`dalle_app/engine/gpu_step.py`) on a GPU: same tokens as the PyTorch step, and its time.
+
+    python benchmarks/check_gpu_step.py                      # community shape, 1 and 8 guided images
+    python benchmarks/check_gpu_step.py --shape readme --images 8
+
+Random weights (`build` of benchmarks/generate.py). For each way of running a step (`pytorch`: the PyTorch step
+captured in a CUDA graph; `triton`: the GpuStep captured in a CUDA graph, the engine's default; `compile`: the PyTorch
+step through torch.compile, then captured): the kernels launched by one step, the time of one replayed step at the
+first, middle and last image token, the whole generation's time per token, and its tokens against the PyTorch
+step's. bfloat16 tokens part ways after an ulp-level flip, as with any change of kernels; the float32 rows (the
+PyTorch step against the GpuStep, whose products then run in IEEE float32) show whether the two compute the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_decode_kernels import agreement, generation, load_build, step_times_us  # noqa: E402
+from dalle_app.engine import SamplingOptions, gpu_step  # noqa: E402
+
+MODES = {"pytorch": (False, False), "triton": (True, False), "compile": (False, True)}  # (GpuStep on, compile)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="community")
+    parser.add_argument("--images", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--cond-scale", type=float, default=3.0)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--replays", type=int, default=200)
+    parser.add_argument("--no-float32", action="store_true", help="skip the float32 token comparison")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or gpu_step.triton is None:
+        print("this check needs a CUDA device and Triton (tests/test_gpu_step.py covers Triton's CPU interpreter)")
+        return
+    import triton
+
+    dev = torch.device("cuda")
+    build, prompt = load_build()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{args.shape} shape, cond_scale {args.cond_scale}", flush=True)
+    dalle = build(args.shape, dev, torch.bfloat16)
+    options = SamplingOptions(top_k=None, filter_thres=0.9, cond_scale=args.cond_scale)
+    print("\n| images | step | kernels/step | us/step first, middle, last image token | ms/token (generation) "
+          "| seconds per request | tokens vs pytorch |")
+    print("|---:|---|---:|---|---:|---:|---|")
+    for images in args.images:
+        text = prompt(dalle, images).to(dev)
+        reference = None
+        for mode in args.modes:
+            on, compile_step = MODES[mode]
+            gpu_step.ENABLED = on
+            t0 = time.perf_counter()
+            tokens, per_token = generation(dalle, text, options, compile_step)
+            times, kernels = step_times_us(dalle, images, options, compile_step, args.replays)
+            print(f"| {images} | {mode} | {kernels} | {', '.join(f'{t:.0f}' for t in times)} | {per_token * 1000:.3f} "
+                  f"| {per_token * dalle.image_seq_len:.3f} | {agreement(tokens, reference)} |"
+                  f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            if mode == "pytorch":
+                reference = tokens
+    if not args.no_float32:
+        dalle32 = build(args.shape, dev, torch.float32)
+        text = prompt(dalle32, args.images[0]).to(dev)
+        runs = {}
+        for on in (False, True):
+            gpu_step.ENABLED = on
+            runs[on] = generation(dalle32, text, options, False, repeats=1)[0]
+        print(f"\nfloat32, {args.images[0]} image(s): GpuStep tokens {agreement(runs[True], runs[False])} "
+              "to the PyTorch step's")
+    gpu_step.ENABLED = True
+
+
+if __name__ == "__main__":
+    main()
