@@ -76,6 +76,13 @@ def _block_n(n_out: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        """acc + a @ b; in exact float32 for float32 models (tensor cores would round the inputs to tf32)."""
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
     def _norm_linear_kernel(x_ptr, x_stride, norm_w_ptr, norm_b_ptr, eps, hist_ptr, hist_stride_b, hist_stride_n,
                             pos_ptr, text_len, fmap_size, zero_row, w_ptr, bias_ptr, out_ptr, out_stride, rows,
                             n_out, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -133,16 +140,10 @@ if triton is not None:
                 h = tl.where(own[None, :], h, shifted)
             w_mask = in_k[:, None] & in_n[None, :]
             w = tl.load(w_ptr + n[None, :] * DIM + k[:, None], mask=w_mask, other=0.0)  # (BLOCK_K, BLOCK_N) of W.T
-            if IEEE:
-                acc = tl.dot(h, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(h, w, acc)
+            acc = _dot(h, w, acc, IEEE)
             if GEGLU:  # the gate columns are the second half of W's rows
                 g = tl.load(w_ptr + (n + n_out)[None, :] * DIM + k[:, None], mask=w_mask, other=0.0)
-                if IEEE:
-                    gate_acc = tl.dot(h, g, gate_acc, input_precision="ieee")
-                else:
-                    gate_acc = tl.dot(h, g, gate_acc)
+                gate_acc = _dot(h, g, gate_acc, IEEE)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n, mask=in_n, other=0.0).to(tl.float32)[None, :]
             if GEGLU:
@@ -166,10 +167,7 @@ if triton is not None:
             in_k = k < K
             h = tl.load(h_ptr + m[:, None] * h_stride + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
             w = tl.load(w_ptr + n[None, :] * K + k[:, None], mask=in_k[:, None] & in_n[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(h, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(h, w, acc)
+            acc = _dot(h, w, acc, IEEE)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n, mask=in_n, other=0.0).to(tl.float32)[None, :]
         inside = in_m[:, None] & in_n[None, :]
