@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--replays", type=int, default=200)
     parser.add_argument("--no-float32", action="store_true", help="skip the float32 token comparison")
+    parser.add_argument("--sweep", action="store_true", help="only time one step for a few launch configurations")
     args = parser.parse_args()
     if not torch.cuda.is_available() or gpu_step.triton is None:
         print("this check needs a CUDA device and Triton (tests/test_gpu_step.py covers Triton's CPU interpreter)")
@@ -47,6 +48,9 @@ def main() -> None:
           f"{args.shape} shape, cond_scale {args.cond_scale}", flush=True)
     dalle = build(args.shape, dev, torch.bfloat16)
     options = SamplingOptions(top_k=None, filter_thres=0.9, cond_scale=args.cond_scale)
+    if args.sweep:
+        sweep(dalle, args.images, options, args.replays)
+        return
     print("\n| images | step | kernels/step | us/step first, middle, last image token | ms/token (generation) "
           "| seconds per request | tokens vs pytorch |")
     print("|---:|---|---:|---|---:|---:|---|")
@@ -74,6 +78,24 @@ def main() -> None:
         print(f"\nfloat32, {args.images[0]} image(s): GpuStep tokens {agreement(runs[True], runs[False])} "
               "to the PyTorch step's")
     gpu_step.ENABLED = True
+
+
+def sweep(dalle, image_counts, options, replays) -> None:
+    """us per replayed GpuStep step for output-column blocks (fixed, or the default rule) and warps per program."""
+    default_rule = gpu_step._block_n
+    rules = {"default": default_rule, "16": lambda n: 16, "32": lambda n: 32, "64": lambda n: 64,
+             ">=256 programs": lambda n: next((b for b in (64, 32) if n >= 256 * b), 16)}
+    gpu_step.ENABLED = True
+    print("\n| images | column block | warps | us/step first, middle, last |\n|---:|---|---:|---|")
+    try:
+        for images in image_counts:
+            for name, rule in rules.items():
+                for warps in (2, 4, 8):
+                    gpu_step._block_n, gpu_step.NUM_WARPS = rule, warps
+                    times, _ = step_times_us(dalle, images, options, False, replays)
+                    print(f"| {images} | {name} | {warps} | {', '.join(f'{t:.0f}' for t in times)} |", flush=True)
+    finally:
+        gpu_step._block_n, gpu_step.NUM_WARPS = default_rule, 4
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ except ImportError:  # CPU-only installs have no Triton
 
 ENABLED = triton is not None and os.environ.get("DALLE_APP_GPU_STEP", "0") == "1"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+NUM_WARPS = 4
 MAX_ROWS = 64  # beyond this the weights are re-read too often; the PyTorch step's GEMMs are better
 
 
@@ -231,7 +232,7 @@ class GpuStep:
             history.stride(0) if shift else 0, history.stride(1) if shift else 0, pos, self.t.text_len,
             self.t.fmap_size, self.t.seq_len, weight, bias if bias is not None else weight, out, out.stride(0),
             self.rows, n_out, DIM=dim, BLOCK_M=self.block_m, BLOCK_N=block_n, BLOCK_K=min(64, _pow2(dim)),
-            SHIFT=shift, HAS_BIAS=bias is not None, GEGLU=geglu, IEEE=self.ieee, num_warps=4)
+            SHIFT=shift, HAS_BIAS=bias is not None, GEGLU=geglu, IEEE=self.ieee, num_warps=NUM_WARPS)
         return out
 
     def _linear_residual(self, h, linear: nn.Linear, branch, residual, out) -> None:
@@ -246,7 +247,7 @@ class GpuStep:
             h, h.stride(0), linear.weight, bias if bias is not None else linear.weight, branch.scale, residual,
             residual.stride(0), target, target.stride(0), self.rows, n_out, K=k, BLOCK_M=self.block_m,
             BLOCK_N=block_n, BLOCK_K=min(64, _pow2(k)), HAS_BIAS=bias is not None, RESIDUAL=not sandwich,
-            IEEE=self.ieee, num_warps=4)
+            IEEE=self.ieee, num_warps=NUM_WARPS)
         if sandwich:  # the norm needs whole rows: done after the product
             normed = nn.functional.layer_norm(target, target.shape[-1:], branch.norm_out.weight,
                                               branch.norm_out.bias, branch.norm_out.eps)
