@@ -81,22 +81,35 @@ def main() -> None:
 
 
 def sweep(dalle, image_counts, options, replays) -> None:
-    """us per replayed GpuStep step for output-column blocks (fixed, or the default rule) and warps per program."""
-    default_rule = gpu_step._block_n
-    rules = {"default": default_rule, "16": lambda n: 16, "32": lambda n: 32, "64": lambda n: 64,
-             ">=256 programs": lambda n: next((b for b in (64, 32) if n >= 256 * b), 16)}
+    """us per replayed GpuStep step for reduction blocks and warps per program, then the GPU time of each kernel of
+    one step (profiled outside the graph)."""
     gpu_step.ENABLED = True
-    print("\n| images | column block | warps | us/step first, middle, last |\n|---:|---|---:|---|")
+    print("\n| images | reduction block | warps | us/step first, middle, last |\n|---:|---:|---:|---|")
     try:
         for images in image_counts:
-            for name, rule in rules.items():
-                for warps in (2, 4, 8):
-                    gpu_step._block_n, gpu_step.NUM_WARPS = rule, warps
+            for block_k in (64, 128, 256):
+                for warps in (4, 8):
+                    gpu_step.BLOCK_K, gpu_step.NUM_WARPS = block_k, warps
                     times, _ = step_times_us(dalle, images, options, False, replays)
-                    print(f"| {images} | {name} | {warps} | {', '.join(f'{t:.0f}' for t in times)} |", flush=True)
+                    print(f"| {images} | {block_k} | {warps} | {', '.join(f'{t:.0f}' for t in times)} |", flush=True)
     finally:
-        gpu_step._block_n, gpu_step.NUM_WARPS = default_rule, 4
+        gpu_step.BLOCK_K, gpu_step.NUM_WARPS = 128, 4
+    from torch.profiler import ProfilerActivity, profile
 
+    from dalle_app.engine import generate
+
+    guided = options.cond_scale != 1
+    rows = image_counts[0] * (2 if guided else 1)
+    stepper = generate._Stepper(dalle, dalle.new_cache(rows), torch.arange(image_counts[0], device="cuda"), options,
+                                guided, use_graph=True)
+    ids = torch.zeros(rows // (2 if guided else 1), 1, dtype=torch.long, device="cuda")
+    stepper.static_pos.fill_(dalle.text_seq_len + 1 + dalle.image_seq_len // 2)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            stepper._run_step(ids, stepper.static_pos)
+        torch.cuda.synchronize()
+    print(f"\n{image_counts[0]} image(s), 10 steps outside the graph:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 if __name__ == "__main__":
     main()

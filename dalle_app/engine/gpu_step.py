@@ -38,7 +38,8 @@ except ImportError:  # CPU-only installs have no Triton
 
 ENABLED = triton is not None and os.environ.get("DALLE_APP_GPU_STEP", "0") == "1"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-NUM_WARPS = 4
+NUM_WARPS = 4  # per program; 2 and 8 were slower on an H100 (benchmarks/check_gpu_step.py --sweep)
+BLOCK_K = 128  # reduction channels per loop iteration
 MAX_ROWS = 64  # beyond this the weights are re-read too often; the PyTorch step's GEMMs are better
 
 
@@ -67,9 +68,9 @@ def supports(dalle, cache) -> bool:
 
 
 def _block_n(n_out: int) -> int:
-    """Output columns per program: the widest block that still gives ~128 programs (one per SM of an H100)."""
-    for block in (128, 64, 32):
-        if n_out >= 128 * block:
+    """Output columns per program: the widest block that still gives >= 256 programs (two per SM of an H100)."""
+    for block in (64, 32):
+        if n_out >= 256 * block:
             return block
     return 16
 
@@ -86,8 +87,8 @@ if triton is not None:
     @triton.jit
     def _norm_linear_kernel(x_ptr, x_stride, norm_w_ptr, norm_b_ptr, eps, hist_ptr, hist_stride_b, hist_stride_n,
                             pos_ptr, text_len, fmap_size, zero_row, w_ptr, bias_ptr, out_ptr, out_stride, rows,
-                            n_out, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            n_out, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr,
                             GEGLU: tl.constexpr, IEEE: tl.constexpr):
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         first_column_block = tl.program_id(1) == 0
@@ -95,20 +96,13 @@ if triton is not None:
         in_m, in_n = m < rows, n < n_out
         x_rows = x_ptr + m[:, None] * x_stride
 
-        # layer-norm statistics of each row, in two passes (the row is a few KB and stays in cache)
-        total = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, DIM, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            total += tl.sum(tl.load(x_rows + k[None, :], mask=in_m[:, None] & (k < DIM)[None, :],
-                                    other=0.0).to(tl.float32), axis=1)
-        mean = total / DIM
-        squares = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, DIM, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            inside = in_m[:, None] & (k < DIM)[None, :]
-            centred = tl.where(inside, tl.load(x_rows + k[None, :], mask=inside, other=0.0).to(tl.float32) -
-                               mean[:, None], 0.0)
-            squares += tl.sum(centred * centred, axis=1)
+        # layer-norm statistics of each row from one load of the whole row (a loop would wait on every block)
+        d = tl.arange(0, BLOCK_D)
+        inside = in_m[:, None] & (d < DIM)[None, :]
+        row = tl.load(x_rows + d[None, :], mask=inside, other=0.0).to(tl.float32)
+        mean = tl.sum(row, axis=1) / DIM
+        centred = tl.where(inside, row - mean[:, None], 0.0)
+        squares = tl.sum(centred * centred, axis=1)
         rstd = 1.0 / tl.sqrt(squares / DIM + eps)
 
         # token shift: the history row each channel reads (as `transformer.shift_index`)
@@ -231,7 +225,8 @@ class GpuStep:
             x, x.stride(0), norm.weight, norm.bias, norm.eps, history if shift else x,
             history.stride(0) if shift else 0, history.stride(1) if shift else 0, pos, self.t.text_len,
             self.t.fmap_size, self.t.seq_len, weight, bias if bias is not None else weight, out, out.stride(0),
-            self.rows, n_out, DIM=dim, BLOCK_M=self.block_m, BLOCK_N=block_n, BLOCK_K=min(64, _pow2(dim)),
+            self.rows, n_out, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_M=self.block_m, BLOCK_N=block_n,
+            BLOCK_K=min(BLOCK_K, _pow2(dim)),
             SHIFT=shift, HAS_BIAS=bias is not None, GEGLU=geglu, IEEE=self.ieee, num_warps=NUM_WARPS)
         return out
 
@@ -246,7 +241,7 @@ class GpuStep:
         _linear_residual_kernel[grid](
             h, h.stride(0), linear.weight, bias if bias is not None else linear.weight, branch.scale, residual,
             residual.stride(0), target, target.stride(0), self.rows, n_out, K=k, BLOCK_M=self.block_m,
-            BLOCK_N=block_n, BLOCK_K=min(64, _pow2(k)), HAS_BIAS=bias is not None, RESIDUAL=not sandwich,
+            BLOCK_N=block_n, BLOCK_K=min(BLOCK_K, _pow2(k)), HAS_BIAS=bias is not None, RESIDUAL=not sandwich,
             IEEE=self.ieee, num_warps=NUM_WARPS)
         if sandwich:  # the norm needs whole rows: done after the product
             normed = nn.functional.layer_norm(target, target.shape[-1:], branch.norm_out.weight,
