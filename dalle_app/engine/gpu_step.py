@@ -98,10 +98,10 @@ if triton is not None:
 
         # layer-norm statistics of each row from one load of the whole row (a loop would wait on every block)
         d = tl.arange(0, BLOCK_D)
-        inside = in_m[:, None] & (d < DIM)[None, :]
-        row = tl.load(x_rows + d[None, :], mask=inside, other=0.0).to(tl.float32)
+        in_row = in_m[:, None] & (d < DIM)[None, :]
+        row = tl.load(x_rows + d[None, :], mask=in_row, other=0.0).to(tl.float32)
         mean = tl.sum(row, axis=1) / DIM
-        centred = tl.where(inside, row - mean[:, None], 0.0)
+        centred = tl.where(in_row, row - mean[:, None], 0.0)
         squares = tl.sum(centred * centred, axis=1)
         rstd = 1.0 / tl.sqrt(squares / DIM + eps)
 
