@@ -87,13 +87,13 @@ def sweep(dalle, image_counts, options, replays) -> None:
     print("\n| images | reduction block | warps | us/step first, middle, last |\n|---:|---:|---:|---|")
     try:
         for images in image_counts:
-            for block_k in (64, 128, 256):
+            for block_k in (128, 256, 512, 1024):
                 for warps in (4, 8):
                     gpu_step.BLOCK_K, gpu_step.NUM_WARPS = block_k, warps
                     times, _ = step_times_us(dalle, images, options, False, replays)
                     print(f"| {images} | {block_k} | {warps} | {', '.join(f'{t:.0f}' for t in times)} |", flush=True)
     finally:
-        gpu_step.BLOCK_K, gpu_step.NUM_WARPS = 128, 4
+        gpu_step.BLOCK_K, gpu_step.NUM_WARPS = 256, 4
     from torch.profiler import ProfilerActivity, profile
 
     from dalle_app.engine import generate
