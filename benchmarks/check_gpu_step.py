@@ -84,6 +84,7 @@ def sweep(dalle, image_counts, options, replays) -> None:
     """us per replayed GpuStep step for reduction blocks and warps per program, then the GPU time of each kernel of
     one step (profiled outside the graph)."""
     gpu_step.ENABLED = True
+    defaults = gpu_step.BLOCK_K, gpu_step.NUM_WARPS
     print("\n| images | reduction block | warps | us/step first, middle, last |\n|---:|---:|---:|---|")
     try:
         for images in image_counts:
@@ -93,7 +94,7 @@ def sweep(dalle, image_counts, options, replays) -> None:
                     times, _ = step_times_us(dalle, images, options, False, replays)
                     print(f"| {images} | {block_k} | {warps} | {', '.join(f'{t:.0f}' for t in times)} |", flush=True)
     finally:
-        gpu_step.BLOCK_K, gpu_step.NUM_WARPS = 256, 4
+        gpu_step.BLOCK_K, gpu_step.NUM_WARPS = defaults
     from torch.profiler import ProfilerActivity, profile
 
     from dalle_app.engine import generate
