@@ -67,8 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "kept before they are deleted (default 60; env DALLE_APP_CACHE_MINUTES); the PNGs with "
                              "parameters in the output folder follow their own retention")
     parser.add_argument("--compile", action="store_true", default=env("DALLE_APP_COMPILE", "") not in ("", "0"),
-                        help="fuse the decoding step with torch.compile: faster on CUDA (about 1.6x), but the first "
-                             "request of each batch size compiles for a while (env DALLE_APP_COMPILE=1)")
+                        help="fuse the PyTorch decoding step with torch.compile instead of the Triton step: only for "
+                             "CUDA models the Triton step does not cover (reversible, stable), where it is about "
+                             "1.6x faster; the first request of each batch size compiles for a while "
+                             "(env DALLE_APP_COMPILE=1)")
     args = parser.parse_args(argv)
     for dest, (name, default, minimum, maximum) in ENV_NUMBERS.items():
         if getattr(args, dest) is None:
