@@ -10,11 +10,12 @@ unwritten tail of the cache) are never loaded, a masked load issuing no memory t
 mask row either, so each block costs one memory round trip. The new token's own key and value come from registers,
 not from the cache just written.
 
-`Attention.forward` uses it when `available()` says so: Triton importable, CUDA tensors (or CPU tensors under
-Triton's interpreter, TRITON_INTERPRET=1, for tests), and DALLE_APP_DECODE_KERNELS=1 at import or ENABLED set True
-later (`benchmarks/check_decode_kernels.py` flips it to time both paths). Opt-in until it has been timed inside the
-compiled step on a GPU: so far it has run in an eager CUDA-graph step on an H100 (1 guided image of the community
-shape in 0.347 s) and under the interpreter.
+The engine's Triton step (`dalle_app/engine/gpu_step.py`) calls it for every layer, with the layer's whole mask and
+rotary tables (`tables=True`: the rows of `start` are read in the kernel). `Attention.forward` also uses it inside the
+general PyTorch step when `available()` says so: Triton importable, CUDA tensors (or CPU tensors under Triton's
+interpreter, TRITON_INTERPRET=1, for tests), and DALLE_APP_DECODE_KERNELS=1 at import or ENABLED set True later
+(`benchmarks/check_decode_kernels.py` flips it to time both paths); opt-in there, as it has not been timed inside
+the compiled step.
 """
 
 from __future__ import annotations
