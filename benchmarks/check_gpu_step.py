@@ -81,8 +81,8 @@ def main() -> None:
 
 
 def sweep(dalle, image_counts, options, replays) -> None:
-    """us per replayed GpuStep step for reduction blocks and warps per program, then the GPU time of each kernel of
-    one step (profiled outside the graph)."""
+    """us per replayed GpuStep step for reduction blocks and warps per program, and for attention split over 1-8
+    programs per row and head, then the GPU time of each kernel of one step (profiled outside the graph)."""
     gpu_step.ENABLED = True
     defaults = gpu_step.BLOCK_K, gpu_step.NUM_WARPS
     print("\n| images | reduction block | warps | us/step first, middle, last |\n|---:|---:|---:|---|")
@@ -95,6 +95,15 @@ def sweep(dalle, image_counts, options, replays) -> None:
                     print(f"| {images} | {block_k} | {warps} | {', '.join(f'{t:.0f}' for t in times)} |", flush=True)
     finally:
         gpu_step.BLOCK_K, gpu_step.NUM_WARPS = defaults
+    print("\n| images | attention splits | us/step first, middle, last |\n|---:|---:|---|")
+    try:
+        for images in image_counts:
+            for splits in (1, 2, 4, 8):
+                gpu_step.ATTENTION_SPLITS = splits
+                times, _ = step_times_us(dalle, images, options, False, replays)
+                print(f"| {images} | {splits} | {', '.join(f'{t:.0f}' for t in times)} |", flush=True)
+    finally:
+        gpu_step.ATTENTION_SPLITS = 1
     from torch.profiler import ProfilerActivity, profile
 
     from dalle_app.engine import generate

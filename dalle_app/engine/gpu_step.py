@@ -43,6 +43,9 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NUM_WARPS = 4  # per program; 2 and 8 were slower on an H100 (benchmarks/check_gpu_step.py --sweep)
 BLOCK_K = 1024  # reduction channels per loop iteration; a community step on an H100: 128 -> 749 us, 256 -> 594,
 # 512 -> 585, 1024 -> 575 (fewer serial rounds of loads per program)
+# programs sharing one row and head's keys in the attention kernel (flash-decoding); 1 = one program, the measured
+# default; more, with DALLE_APP_ATTENTION_SPLITS, has not been timed on a GPU yet (check_gpu_step.py --sweep)
+ATTENTION_SPLITS = int(os.environ.get("DALLE_APP_ATTENTION_SPLITS", "1"))
 MAX_ROWS = 64  # beyond this the weights are re-read too often; the PyTorch step's GEMMs are better
 
 
@@ -152,10 +155,29 @@ if triton is not None:
                  mask=in_m[:, None] & in_n[None, :])
 
     @triton.jit
+    def _merge_splits(part_ptr, m, k, inside, K: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      PART: tl.constexpr):
+        """Attention outputs (rows m, channels k) from partial softmax states (rows, heads, SPLITS, PART): each
+        split's weighted values rescaled to the largest running max, over the rescaled sums."""
+        heads = K // HEAD_DIM
+        state = part_ptr + ((m[:, None] * heads + k[None, :] // HEAD_DIM) * SPLITS) * PART
+        top = tl.full(inside.shape, -1.0e30, tl.float32)
+        for s in tl.static_range(SPLITS):
+            top = tl.maximum(top, tl.load(state + s * PART + PART - 2, mask=inside, other=0.0))
+        values = tl.zeros(inside.shape, tl.float32)
+        total = tl.zeros(inside.shape, tl.float32)
+        for s in tl.static_range(SPLITS):
+            weight = tl.exp(tl.load(state + s * PART + PART - 2, mask=inside, other=0.0) - top)
+            values += weight * tl.load(state + s * PART + k[None, :] % HEAD_DIM, mask=inside, other=0.0)
+            total += weight * tl.load(state + s * PART + PART - 1, mask=inside, other=1.0)
+        return values / total
+
+    @triton.jit
     def _linear_residual_kernel(h_ptr, h_stride, w_ptr, bias_ptr, scale_ptr, res_ptr, res_stride, out_ptr,
                                 out_stride, rows, n_out, K: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                RESIDUAL: tl.constexpr, IEEE: tl.constexpr):
+                                RESIDUAL: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
+                                HEAD_DIM: tl.constexpr, PART: tl.constexpr):
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_m, in_n = m < rows, n < n_out
@@ -163,7 +185,12 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             in_k = k < K
-            h = tl.load(h_ptr + m[:, None] * h_stride + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
+            if SPLITS == 1:
+                h = tl.load(h_ptr + m[:, None] * h_stride + k[None, :], mask=in_m[:, None] & in_k[None, :],
+                            other=0.0)
+            else:  # h is a split attention's partial states: merged here
+                h = _merge_splits(h_ptr, m, k, in_m[:, None] & in_k[None, :], K, SPLITS, HEAD_DIM, PART)
+                h = h.to(w_ptr.dtype.element_ty)
             w = tl.load(w_ptr + n[None, :] * K + k[:, None], mask=in_k[:, None] & in_n[None, :], other=0.0)
             acc = _dot(h, w, acc, IEEE)
         if HAS_BIAS:
@@ -200,8 +227,10 @@ class GpuStep:
             attn, ff = layer.attn.module, layer.ff.module
             qkv = self._norm_linear(residual, layer.attn.norm, self._history(2 * i), pos, attn.to_qkv)
             out = decode_kernels.decode_attention(qkv, cache.kv[i], pos, self.masks[i], cos, sin, attn.heads,
-                                                  attn.dim_head, tables=True)
-            self._linear_residual(out.view(self.rows, -1), attn.to_out, layer.attn, residual, hidden)
+                                                  attn.dim_head, tables=True, splits=ATTENTION_SPLITS)
+            if out.dim() == 3:  # (rows, 1, heads * dim_head); else partial states, merged by the next kernel
+                out = out.view(self.rows, -1)
+            self._linear_residual(out, attn.to_out, layer.attn, residual, hidden)
             residual = hidden
             gated = self._norm_linear(hidden, layer.ff.norm, self._history(2 * i + 1), pos, ff.proj_in, geglu=True)
             self._linear_residual(gated, ff.proj_out, layer.ff, hidden, hidden)
@@ -234,18 +263,20 @@ class GpuStep:
         return out
 
     def _linear_residual(self, h, linear: nn.Linear, branch, residual, out) -> None:
-        """out = residual + branch.scale * norm_out(linear(h)); out may be residual itself."""
+        """out = residual + branch.scale * norm_out(linear(h)); out may be residual itself. h: (rows, k), or a split
+        attention's partial states (rows, heads, splits, part)."""
         n_out, k = linear.weight.shape
         sandwich = branch.norm_out is not None
         target = torch.empty_like(out) if sandwich else out
         block_n = _block_n(n_out)
         grid = (triton.cdiv(self.rows, self.block_m), triton.cdiv(n_out, block_n))
         bias = linear.bias
+        split = (h.shape[2], k // h.shape[1], h.shape[3]) if h.dim() == 4 else (1, 1, 1)
         _linear_residual_kernel[grid](
             h, h.stride(0), linear.weight, bias if bias is not None else linear.weight, branch.scale, residual,
             residual.stride(0), target, target.stride(0), self.rows, n_out, K=k, BLOCK_M=self.block_m,
             BLOCK_N=block_n, BLOCK_K=min(BLOCK_K, _pow2(k)), HAS_BIAS=bias is not None, RESIDUAL=not sandwich,
-            IEEE=self.ieee, num_warps=NUM_WARPS)
+            IEEE=self.ieee, SPLITS=split[0], HEAD_DIM=split[1], PART=split[2], num_warps=NUM_WARPS)
         if sandwich:  # the norm needs whole rows: done after the product
             normed = nn.functional.layer_norm(target, target.shape[-1:], branch.norm_out.weight,
                                               branch.norm_out.bias, branch.norm_out.eps)

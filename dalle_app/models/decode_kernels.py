@@ -48,6 +48,18 @@ def available(x: torch.Tensor, kv_cache, start, mask) -> bool:
     return x.is_cuda or (_INTERPRETED and x.device.type == "cpu")
 
 
+def split_plan(max_len: int, dim_head: int, splits: int) -> tuple[int, int, int]:
+    """(splits, keys per split, keys per block) for spreading one query's keys over `splits` programs: blocks of a
+    power of two that divide each split, and as many splits as those need (1: no split)."""
+    block_n = _launch_config(dim_head)[1]
+    if splits <= 1:
+        return 1, triton.cdiv(max_len, block_n) * block_n, block_n
+    share = triton.cdiv(max_len, splits)
+    block_n = min(block_n, max(16, triton.next_power_of_2(share)))
+    split_len = triton.cdiv(share, block_n) * block_n
+    return triton.cdiv(max_len, split_len), split_len, block_n
+
+
 def _launch_config(dim_head: int) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_N, num_warps): a key block of about 8K elements (64 keys of 128 channels, 128 of 64)."""
     block_d = max(16, triton.next_power_of_2(dim_head))
@@ -61,9 +73,9 @@ if triton is not None:
     def _decode_attention_kernel(qkv_ptr, qkv_stride_b, kv_ptr, kv_stride_kv, kv_stride_b, kv_stride_h,
                                  kv_stride_n, start_ptr, mask_ptr, mask_stride_b, mask_stride_h, mask_stride_q,
                                  mask_stride_n, cos_ptr, sin_ptr, rot_stride, out_ptr, out_stride_b, heads, scale,
-                                 MAX_LEN: tl.constexpr,
-                                 DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 ROTARY: tl.constexpr):
+                                 MAX_LEN: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, ROTARY: tl.constexpr, SPLITS: tl.constexpr,
+                                 SPLIT_LEN: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         d = tl.arange(0, BLOCK_D)
@@ -93,8 +105,9 @@ if triton is not None:
 
         k_cache = kv_ptr + b * kv_stride_b + h * kv_stride_h
         v_cache = k_cache + kv_stride_kv
-        tl.store(k_cache + start * kv_stride_n + d, k_new, mask=in_d)
-        tl.store(v_cache + start * kv_stride_n + d, v_new, mask=in_d)
+        first_split = tl.program_id(2) == 0  # one program per row and head writes the new key and value
+        tl.store(k_cache + start * kv_stride_n + d, k_new, mask=in_d & first_split)
+        tl.store(v_cache + start * kv_stride_n + d, v_new, mask=in_d & first_split)
         k = k_new.to(tl.float32)
         v = v_new.to(tl.float32)
 
@@ -102,31 +115,48 @@ if triton is not None:
         m_i = tl.max(tl.full([BLOCK_N], -1.0e30, tl.float32), axis=0)  # finite: a fully masked block adds 0
         l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
         acc = tl.zeros([BLOCK_D], tl.float32)
-        for n0 in range(0, MAX_LEN, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            allowed = tl.load(mask_row + n * mask_stride_n, mask=n < MAX_LEN, other=0) != 0
-            allowed = allowed & (n <= start)
-            fresh = n == start
-            load = (n < start)[:, None] & in_d[None, :]  # not waiting for the mask: one memory round trip
-            offsets = n[:, None] * kv_stride_n + d[None, :]
-            keys = tl.load(k_cache + offsets, mask=load, other=0.0).to(tl.float32)
-            values = tl.load(v_cache + offsets, mask=load, other=0.0).to(tl.float32)
-            keys = tl.where(fresh[:, None], k[None, :], keys)
-            values = tl.where(fresh[:, None], v[None, :], values)
-            scores = tl.where(allowed, tl.sum(keys * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0)).to(tl.float32)
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new)
-            acc = (acc * alpha + tl.sum(p[:, None] * values, axis=0)).to(tl.float32)
-            l_i = (l_i * alpha + tl.sum(p, axis=0)).to(tl.float32)
-            m_i = m_new
-        out = acc / l_i
-        tl.store(out_ptr + b * out_stride_b + h * DIM + d, out.to(out_ptr.dtype.element_ty), mask=in_d)
+        if SPLITS == 1:
+            for n0 in range(0, MAX_LEN, BLOCK_N):
+                m_i, l_i, acc = _attend_block(n0, start, q, k, v, d, in_d, k_cache, v_cache, kv_stride_n, mask_row,
+                                              mask_stride_n, m_i, l_i, acc, MAX_LEN, BLOCK_N)
+            out = acc / l_i
+            tl.store(out_ptr + b * out_stride_b + h * DIM + d, out.to(out_ptr.dtype.element_ty), mask=in_d)
+        else:  # this program's share of the keys; the partial result is combined later
+            lo = tl.program_id(2) * SPLIT_LEN
+            for n0 in range(0, SPLIT_LEN, BLOCK_N):
+                m_i, l_i, acc = _attend_block(lo + n0, start, q, k, v, d, in_d, k_cache, v_cache, kv_stride_n, mask_row,
+                                              mask_stride_n, m_i, l_i, acc, MAX_LEN, BLOCK_N)
+            part = out_ptr + ((b * heads + h) * SPLITS + tl.program_id(2)) * (BLOCK_D + 2)
+            tl.store(part + d, acc)
+            tl.store(part + BLOCK_D, m_i)
+            tl.store(part + BLOCK_D + 1, l_i)
+
+    @triton.jit
+    def _attend_block(n0, start, q, k, v, d, in_d, k_cache, v_cache, kv_stride_n, mask_row, mask_stride_n, m_i, l_i,
+                      acc, MAX_LEN: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The online softmax over keys n0..n0+BLOCK_N-1: the running (max, sum, weighted values) updated."""
+        n = n0 + tl.arange(0, BLOCK_N)
+        allowed = tl.load(mask_row + n * mask_stride_n, mask=n < MAX_LEN, other=0) != 0
+        allowed = allowed & (n <= start)
+        fresh = n == start
+        load = (n < start)[:, None] & in_d[None, :]  # not waiting for the mask: one memory round trip
+        offsets = n[:, None] * kv_stride_n + d[None, :]
+        keys = tl.load(k_cache + offsets, mask=load, other=0.0).to(tl.float32)
+        values = tl.load(v_cache + offsets, mask=load, other=0.0).to(tl.float32)
+        keys = tl.where(fresh[:, None], k[None, :], keys)
+        values = tl.where(fresh[:, None], v[None, :], values)
+        scores = tl.where(allowed, tl.sum(keys * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0)).to(tl.float32)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new)
+        acc = (acc * alpha + tl.sum(p[:, None] * values, axis=0)).to(tl.float32)
+        l_i = (l_i * alpha + tl.sum(p, axis=0)).to(tl.float32)
+        return m_new, l_i, acc
 
 
 def decode_attention(qkv: torch.Tensor, kv_cache: torch.Tensor, start: torch.Tensor, mask: torch.Tensor,
                      cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int, dim_head: int,
-                     tables: bool = False) -> torch.Tensor:
+                     tables: bool = False, splits: int = 1) -> torch.Tensor:
     """One decoding step of an attention layer in one kernel: (b, 1, heads * dim_head), heads outer, in qkv's dtype.
 
     qkv: the to_qkv output of the new token, (b, 1, 3 * heads * dim_head) laid out as (3, heads, dim_head).
@@ -138,6 +168,11 @@ def decode_attention(qkv: torch.Tensor, kv_cache: torch.Tensor, start: torch.Ten
     position: the kernel reads the rows of `start` itself, so a captured step needs no gathers. Equals
     rotary.apply, write_kv and attend_static_cache for a causal mask: keys after `start` are not attended whatever
     the mask says (they are not written yet).
+
+    splits > 1 (when `split_plan` keeps more than one): the keys are shared among that many programs per row and
+    head, and the result is their partial softmax states, float32 (b, heads, splits, BLOCK_D + 2): the unnormalised
+    weighted values, then the running max and sum, which the Triton step's output product merges
+    (`gpu_step._merge_splits`).
     """
     b = qkv.shape[0]
     max_len = kv_cache.shape[3]
@@ -157,11 +192,17 @@ def decode_attention(qkv: torch.Tensor, kv_cache: torch.Tensor, start: torch.Ten
     else:
         cos = sin = qkv  # unused pointers
         rot_stride = 0
-    out = torch.empty(b, 1, heads * dim_head, dtype=qkv.dtype, device=qkv.device)
-    block_d, block_n, num_warps = _launch_config(dim_head)
+    block_d, _, num_warps = _launch_config(dim_head)
+    splits, split_len, block_n = split_plan(max_len, dim_head, splits)
+    if splits == 1:
+        out = torch.empty(b, 1, heads * dim_head, dtype=qkv.dtype, device=qkv.device)
+    else:
+        out = torch.empty(b, heads, splits, block_d + 2, dtype=torch.float32, device=qkv.device)
     kv_stride = kv_cache.stride()
-    _decode_attention_kernel[(b, heads)](
+    _decode_attention_kernel[(b, heads, splits)](
         qkv, qkv.stride(0), kv_cache, kv_stride[0], kv_stride[1], kv_stride[2], kv_stride[3], start,
         mask, *mask_strides, cos, sin, rot_stride, out, out.stride(0), heads, dim_head ** -0.5,
-        MAX_LEN=max_len, DIM=dim_head, BLOCK_D=block_d, BLOCK_N=block_n, ROTARY=rotary, num_warps=num_warps)
+        MAX_LEN=max_len, DIM=dim_head, BLOCK_D=block_d, BLOCK_N=block_n, ROTARY=rotary, SPLITS=splits,
+        SPLIT_LEN=split_len, num_warps=num_warps)
     return out
+
