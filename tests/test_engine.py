@@ -295,3 +295,31 @@ def test_results_are_ordinary_tensors_that_callers_may_edit():
     for tensor in (ids, text):
         assert not tensor.is_inference()
         tensor[0, 0] = 1
+
+
+def test_a_triton_step_that_fails_here_gives_way_to_the_pytorch_step(monkeypatch):
+    """A GPU or Triton version that cannot build the Triton step: the request still completes, with the same tokens
+    as the PyTorch step, says so in its notes, and later requests no longer try it."""
+    from dalle_app.engine import cpu_step, gpu_step
+
+    class Unbuildable:
+        def __init__(self, dalle, cache):
+            pass
+
+        def __call__(self, x, pos):
+            raise RuntimeError("PassManager::run failed\n" + "MLIR dump " * 500)
+
+    dalle = make_dalle()
+    options = SamplingOptions(top_k=8, cond_scale=2.0)
+    monkeypatch.setattr(cpu_step, "supports", lambda dalle, cache: False)
+    expected = generate_image_tokens(dalle, prompts(2), options, seeds=[1, 2], use_cuda_graph=False)
+    monkeypatch.setattr(gpu_step, "GpuStep", Unbuildable)
+    monkeypatch.setattr(gpu_step, "supports", lambda dalle, cache: gpu_step.ENABLED)
+    monkeypatch.setattr(gpu_step, "ENABLED", True)
+    monkeypatch.setattr(gpu_step, "disabled_reason", None)
+    got = generate_image_tokens(dalle, prompts(2), options, seeds=[1, 2], use_cuda_graph=False)
+    assert torch.equal(got.image_ids, expected.image_ids)
+    assert got.notes == ["The Triton decoding step failed on this GPU, so the PyTorch step was used "
+                         "(RuntimeError: PassManager::run failed)."]
+    assert not gpu_step.ENABLED
+    assert generate_image_tokens(dalle, prompts(2), options, seeds=[1, 2], use_cuda_graph=False).notes == []

@@ -123,6 +123,8 @@ class _Stepper:
         self.options = options
         self.top_k = options.effective_top_k(dalle.num_image_tokens, dalle.total_tokens)
         self.graph = None
+        self.notes: list[str] = []
+        self._first_step = True
         eager = not use_graph and not compile
         self.fused_step = None
         if eager and cpu_step.supports(dalle, cache):
@@ -138,8 +140,25 @@ class _Stepper:
         mode = self.compile if isinstance(self.compile, str) else None
         step = _compiled_step(mode) if self.compile else _decode_step
         c, o = self.cache, self.options
-        return step(self.dalle, c.kv, c.shifted, self.seeds, ids, pos, self.guided, o.cond_scale, o.temperature,
-                    self.top_k, o.top_p, self.fused_step)
+
+        def run():
+            return step(self.dalle, c.kv, c.shifted, self.seeds, ids, pos, self.guided, o.cond_scale, o.temperature,
+                        self.top_k, o.top_p, self.fused_step)
+
+        if not isinstance(self.fused_step, gpu_step.GpuStep) or not self._first_step:
+            return run()
+        try:  # its first step builds its kernels, which an older GPU or Triton may refuse
+            result = run()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever the cause, the PyTorch step computes the same
+            gpu_step.disable(error)
+            self.notes.append("The Triton decoding step failed on this GPU, so the PyTorch step was used "
+                              f"({gpu_step.disabled_reason}).")
+            self.fused_step = None  # it wrote only this position's cache entries, which the PyTorch step rewrites
+            return run()
+        self._first_step = False
+        return result
 
     def _capture(self):
         dev = self.seeds.device
@@ -253,7 +272,7 @@ def generate_image_tokens(dalle, text: torch.Tensor, options: SamplingOptions | 
             break
         next_ids = stepper(out[:, j:j + 1], text_len + j)
     dalle.train(dalle_was_training)
-    return ImageTokens(out, seeds, completed, time.perf_counter() - start_time)
+    return ImageTokens(out, seeds, completed, time.perf_counter() - start_time, stepper.notes)
 
 
 @_in_inference_mode

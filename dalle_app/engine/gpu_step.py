@@ -46,6 +46,7 @@ BLOCK_K = 1024  # reduction channels per loop iteration; a community step on an 
 # programs sharing one row and head's keys in the attention kernel (flash-decoding); 1 = one program, the measured
 # default; more, with DALLE_APP_ATTENTION_SPLITS, has not been timed on a GPU yet (check_gpu_step.py --sweep)
 ATTENTION_SPLITS = int(os.environ.get("DALLE_APP_ATTENTION_SPLITS", "1"))
+disabled_reason: str | None = None  # why `disable` switched the step off in this process
 MAX_ROWS = 64  # beyond this the weights are re-read too often; the PyTorch step's GEMMs are better
 
 
@@ -71,6 +72,14 @@ def supports(dalle, cache) -> bool:
         return False
     return all(isinstance(layer.attn.module, Attention) and isinstance(layer.ff.module, FeedForward)
                for layer in t.layers)
+
+
+def disable(error: BaseException) -> None:
+    """Stop using the Triton step in this process (its kernels failed to build or run here), keeping why: the
+    error's type and first line (a Triton compile error runs to pages)."""
+    global ENABLED, disabled_reason
+    lines = str(error).strip().splitlines()
+    ENABLED, disabled_reason = False, f"{type(error).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
 
 
 def _block_n(n_out: int) -> int:
