@@ -40,12 +40,15 @@ except ImportError:  # CPU-only installs have no Triton
 
 ENABLED = triton is not None and os.environ.get("DALLE_APP_GPU_STEP", "1") != "0"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-NUM_WARPS = 4  # per program; 2 and 8 were slower on an H100 (benchmarks/check_gpu_step.py --sweep)
-BLOCK_K = 1024  # reduction channels per loop iteration; a community step on an H100: 128 -> 749 us, 256 -> 594,
-# 512 -> 585, 1024 -> 575 (fewer serial rounds of loads per program)
-# programs sharing one row and head's keys in the attention kernel (flash-decoding); 1 = one program, the measured
-# default; more, with DALLE_APP_ATTENTION_SPLITS, has not been timed on a GPU yet (check_gpu_step.py --sweep)
-ATTENTION_SPLITS = int(os.environ.get("DALLE_APP_ATTENTION_SPLITS", "1"))
+# Launch settings, from `benchmarks/check_gpu_step.py --sweep` on an H100 (community shape, us a step):
+NUM_WARPS = 4  # per program; 2 and 8 were slower
+BLOCK_K = 1024  # reduction channels per loop iteration: 128 -> 749, 256 -> 594, 512 -> 585, 1024 -> 575 us
+# programs sharing one row and head's keys in the attention kernel (flash-decoding); more than 1, with
+# DALLE_APP_ATTENTION_SPLITS, has not been timed on a GPU yet
+_splits = os.environ.get("DALLE_APP_ATTENTION_SPLITS", "1")
+if not _splits.isdigit() or int(_splits) < 1:
+    raise ValueError(f"DALLE_APP_ATTENTION_SPLITS must be a whole number from 1 up, not {_splits!r}.")
+ATTENTION_SPLITS = int(_splits)
 disabled_reason: str | None = None  # why `disable` switched the step off in this process
 MAX_ROWS = 64  # beyond this the weights are re-read too often; the PyTorch step's GEMMs are better
 
