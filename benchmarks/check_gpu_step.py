@@ -27,6 +27,16 @@ from dalle_app.engine import SamplingOptions, gpu_step  # noqa: E402
 MODES = {"pytorch": (False, False), "triton": (True, False), "compile": (False, True)}  # (GpuStep on, compile)
 
 
+def triton_step_ran(label: str) -> bool:
+    """False (and why, printed) when the engine fell back to the PyTorch step because a Triton kernel failed to
+    build: the row just timed is then not the Triton step's. Re-enables the step for the next row."""
+    if gpu_step.disabled_reason is None:
+        return True
+    print(f"| {label} | Triton step failed, PyTorch step timed instead: {gpu_step.disabled_reason} |", flush=True)
+    gpu_step.disabled_reason = None
+    return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="community")
@@ -63,6 +73,8 @@ def main() -> None:
             t0 = time.perf_counter()
             tokens, per_token = generation(dalle, text, options, compile_step)
             times, kernels = step_times_us(dalle, images, options, compile_step, args.replays)
+            if on and not triton_step_ran(f"{images} images"):
+                continue
             print(f"| {images} | {mode} | {kernels} | {', '.join(f'{t:.0f}' for t in times)} | {per_token * 1000:.3f} "
                   f"| {per_token * dalle.image_seq_len:.3f} | {agreement(tokens, reference)} |"
                   f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -75,8 +87,9 @@ def main() -> None:
         for on in (False, True):
             gpu_step.ENABLED = on
             runs[on] = generation(dalle32, text, options, False, repeats=1)[0]
-        print(f"\nfloat32, {args.images[0]} image(s): GpuStep tokens {agreement(runs[True], runs[False])} "
-              "to the PyTorch step's")
+        if triton_step_ran("float32"):
+            print(f"\nfloat32, {args.images[0]} image(s): GpuStep tokens {agreement(runs[True], runs[False])} "
+                  "to the PyTorch step's")
     gpu_step.ENABLED = True
 
 
@@ -92,6 +105,9 @@ def sweep(dalle, image_counts, options, replays) -> None:
                 for warps in (4, 8):
                     gpu_step.BLOCK_K, gpu_step.NUM_WARPS = block_k, warps
                     times, _ = step_times_us(dalle, images, options, False, replays)
+                    if not triton_step_ran(f"{images} images, block {block_k}, {warps} warps"):
+                        gpu_step.ENABLED = True
+                        continue
                     print(f"| {images} | {block_k} | {warps} | {', '.join(f'{t:.0f}' for t in times)} |", flush=True)
     finally:
         gpu_step.BLOCK_K, gpu_step.NUM_WARPS = defaults
@@ -101,6 +117,9 @@ def sweep(dalle, image_counts, options, replays) -> None:
             for splits in (1, 2, 4, 8):
                 gpu_step.ATTENTION_SPLITS = splits
                 times, _ = step_times_us(dalle, images, options, False, replays)
+                if not triton_step_ran(f"{images} images, {splits} splits"):
+                    gpu_step.ENABLED = True
+                    continue
                 print(f"| {images} | {splits} | {', '.join(f'{t:.0f}' for t in times)} |", flush=True)
     finally:
         gpu_step.ATTENTION_SPLITS = 1
