@@ -93,36 +93,36 @@ def main() -> None:
     gpu_step.ENABLED = True
 
 
+def time_settings(dalle, images, options, replays, **settings) -> None:
+    """One table row: us per replayed GpuStep step with the given module settings (BLOCK_K=..., NUM_WARPS=...,
+    ATTENTION_SPLITS=...), restored afterwards."""
+    defaults = {name: getattr(gpu_step, name) for name in settings}
+    try:
+        for name, value in settings.items():
+            setattr(gpu_step, name, value)
+        gpu_step.ENABLED = True
+        times, _ = step_times_us(dalle, images, options, False, replays)
+        cells = " | ".join(str(v) for v in settings.values())
+        if triton_step_ran(f"{images} images, {cells}"):
+            print(f"| {images} | {cells} | {', '.join(f'{t:.0f}' for t in times)} |", flush=True)
+    finally:
+        for name, value in defaults.items():
+            setattr(gpu_step, name, value)
+        gpu_step.ENABLED = True
+
+
 def sweep(dalle, image_counts, options, replays) -> None:
     """us per replayed GpuStep step for reduction blocks and warps per program, and for attention split over 1-8
     programs per row and head, then the GPU time of each kernel of one step (profiled outside the graph)."""
-    gpu_step.ENABLED = True
-    defaults = gpu_step.BLOCK_K, gpu_step.NUM_WARPS
     print("\n| images | reduction block | warps | us/step first, middle, last |\n|---:|---:|---:|---|")
-    try:
-        for images in image_counts:
-            for block_k in (128, 256, 512, 1024):
-                for warps in (4, 8):
-                    gpu_step.BLOCK_K, gpu_step.NUM_WARPS = block_k, warps
-                    times, _ = step_times_us(dalle, images, options, False, replays)
-                    if not triton_step_ran(f"{images} images, block {block_k}, {warps} warps"):
-                        gpu_step.ENABLED = True
-                        continue
-                    print(f"| {images} | {block_k} | {warps} | {', '.join(f'{t:.0f}' for t in times)} |", flush=True)
-    finally:
-        gpu_step.BLOCK_K, gpu_step.NUM_WARPS = defaults
+    for images in image_counts:
+        for block_k in (128, 256, 512, 1024):
+            for warps in (4, 8):
+                time_settings(dalle, images, options, replays, BLOCK_K=block_k, NUM_WARPS=warps)
     print("\n| images | attention splits | us/step first, middle, last |\n|---:|---:|---|")
-    try:
-        for images in image_counts:
-            for splits in (1, 2, 4, 8):
-                gpu_step.ATTENTION_SPLITS = splits
-                times, _ = step_times_us(dalle, images, options, False, replays)
-                if not triton_step_ran(f"{images} images, {splits} splits"):
-                    gpu_step.ENABLED = True
-                    continue
-                print(f"| {images} | {splits} | {', '.join(f'{t:.0f}' for t in times)} |", flush=True)
-    finally:
-        gpu_step.ATTENTION_SPLITS = 1
+    for images in image_counts:
+        for splits in (1, 2, 4, 8):
+            time_settings(dalle, images, options, replays, ATTENTION_SPLITS=splits)
     from torch.profiler import ProfilerActivity, profile
 
     from dalle_app.engine import generate
