@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models.attention import Attention, FeedForward
-from ..models.token_step import shift_segments
+from ..models.token_step import plain_stack, shift_segments
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
 ENV_SWITCH = "DALLE_APP_CPU_KERNEL"  # "0" turns the C step off
@@ -152,21 +151,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def supports(dalle, cache) -> bool:
     """Whether the C step computes this model's decoding step over this cache: float32 on the CPU, contiguous
     buffers, a non-reversible stack without the `stable` max-division, GEGLU feed-forwards, an even head size
-    with rotary; and the library built."""
-    t = dalle.transformer
+    with rotary (`plain_stack`); and the library built."""
     tensors = [*cache.kv, *(cache.shifted or []), *dalle.parameters()]
     if any(x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() for x in tensors):
         return False
-    if t.reversible or not isinstance(dalle.norm_by_max, nn.Identity) or not t.causal:
-        return False
-    if t.rotary and t.dim_head % 2:
-        return False
-    if cache.shifted is not None and cache.shifted[0].shape[1] != cache.kv[0].shape[3] + 1:
-        return False
-    for layer in t.layers:
-        if not isinstance(layer.attn.module, Attention) or not isinstance(layer.ff.module, FeedForward):
-            return False
-    return library() is not None
+    return plain_stack(dalle, cache) and library() is not None
 
 
 class CpuStep:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..models import decode_kernels
-from ..models.attention import Attention, FeedForward
+from ..models.token_step import plain_stack
 
 try:
     import triton
@@ -55,8 +55,8 @@ MAX_ROWS = 64  # beyond this the weights are re-read too often; the PyTorch step
 
 def supports(dalle, cache) -> bool:
     """Whether `GpuStep` computes this model's decoding step over this cache: CUDA tensors (or CPU ones under Triton's
-    interpreter), one floating dtype, contiguous buffers, at most MAX_ROWS rows, a causal non-reversible stack
-    without the `stable` max-division, GEGLU feed-forwards, and a cache covering the whole sequence."""
+    interpreter), one floating dtype, contiguous buffers, at most MAX_ROWS rows, heads of at most 128 channels, a
+    cache covering the whole sequence, and a stack of the plain kind (`plain_stack`)."""
     if not ENABLED:
         return False
     t = dalle.transformer
@@ -67,14 +67,7 @@ def supports(dalle, cache) -> bool:
         return False
     if dtype not in (torch.float32, torch.float16, torch.bfloat16) or cache.batch_size > MAX_ROWS:
         return False
-    if t.reversible or not isinstance(dalle.norm_by_max, nn.Identity) or not t.causal:
-        return False
-    if cache.kv[0].shape[3] != t.seq_len or t.dim_head > 128 or (t.rotary and t.dim_head % 2):
-        return False
-    if cache.shifted is not None and cache.shifted[0].shape[1] != t.seq_len + 1:
-        return False
-    return all(isinstance(layer.attn.module, Attention) and isinstance(layer.ff.module, FeedForward)
-               for layer in t.layers)
+    return cache.kv[0].shape[3] == t.seq_len and t.dim_head <= 128 and plain_stack(dalle, cache)
 
 
 def disable(error: BaseException) -> None:

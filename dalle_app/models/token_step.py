@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .attention import Rotary
+from .attention import Attention, FeedForward, Rotary
 from .packed_linear import packed_linear
 from .transformer import InferenceCache, Transformer, shift_index
 
@@ -74,6 +75,22 @@ class _TokenStep:
     def feed_forward(ff, h: torch.Tensor) -> torch.Tensor:
         h, gates = packed_linear(h, ff.proj_in.weight, ff.proj_in.bias, ff.proj_in).chunk(2, dim=-1)
         return packed_linear(h * F.gelu(gates), ff.proj_out.weight, ff.proj_out.bias, ff.proj_out)
+
+
+def plain_stack(dalle, cache: InferenceCache) -> bool:
+    """Whether this model and cache have the shape the hand-written decoding steps (`engine.cpu_step`,
+    `engine.gpu_step`) compute: a causal, non-reversible stack without the `stable` max-division, attention and
+    GEGLU feed-forward modules, an even head size under rotary, and a token-shift history one row longer than the
+    cache (its zero row)."""
+    t = dalle.transformer
+    if t.reversible or not isinstance(dalle.norm_by_max, nn.Identity) or not t.causal:
+        return False
+    if t.rotary and t.dim_head % 2:
+        return False
+    if cache.shifted is not None and cache.shifted[0].shape[1] != cache.kv[0].shape[3] + 1:
+        return False
+    return all(isinstance(layer.attn.module, Attention) and isinstance(layer.ff.module, FeedForward)
+               for layer in t.layers)
 
 
 def shift_segments(t: Transformer, cache: InferenceCache, pos: int) -> list[tuple[int | None, int, int]]:
