@@ -26,9 +26,11 @@ from dalle_app.engine import SamplingOptions, generate, generate_image_tokens, g
 from dalle_app.models.token_step import decode_token
 
 torch.set_grad_enabled(False)
-# (config, head size, attention splits): 3 and 4 spread each row's keys over that many programs (flash-decoding)
-CASES = [("full", 16, 1), ("mixed", 12, 1), ("conv_centered", 16, 1), ("axial_pos_no_shift", 16, 1), ("shared", 32, 1),
-         ("sandwich", 16, 1), ("sparse", 16, 1), ("mixed", 16, 3), ("sparse", 16, 4)]
+# (config, head size, attention splits, reduction block): 3 and 4 splits spread each row's keys over that many
+# programs (flash-decoding); 16-channel reduction blocks make every product loop over several weight blocks
+CASES = [("full", 16, 1, 1024), ("mixed", 12, 1, 1024), ("conv_centered", 16, 1, 1024),
+         ("axial_pos_no_shift", 16, 1, 1024), ("shared", 32, 1, 1024), ("sandwich", 16, 1, 1024),
+         ("sparse", 16, 1, 1024), ("mixed", 16, 3, 16), ("sparse", 16, 4, 1024), ("full", 16, 1, 16)]
 
 
 def model(name, dim_head):
@@ -42,8 +44,8 @@ def model(name, dim_head):
 
 
 steps = []
-for name, dim_head, splits in CASES:
-    gpu_step.ATTENTION_SPLITS = splits
+for name, dim_head, splits, block_k in CASES:
+    gpu_step.ATTENTION_SPLITS, gpu_step.BLOCK_K = splits, block_k
     dalle = model(name, dim_head)
     t = dalle.transformer
     tokens = dalle.embed(prompts(3), torch.randint(0, 48, (3, 30), generator=torch.Generator().manual_seed(2)))
@@ -55,12 +57,12 @@ for name, dim_head, splits in CASES:
         got = gpu_step.GpuStep(dalle, triton_cache)(x, torch.tensor([pos]))
         expected = dalle.image_logits(decode_token(t, tokens[:, pos], torch_cache, pos))
         pairs = list(zip(torch_cache.kv + (torch_cache.shifted or []), triton_cache.kv + (triton_cache.shifted or [])))
-        steps.append(dict(case=[name, dim_head, splits, pos], supported=gpu_step.supports(dalle, triton_cache),
+        steps.append(dict(case=[name, dim_head, splits, block_k, pos], supported=gpu_step.supports(dalle, triton_cache),
                           logits=(got - expected).abs().max().item(), scale=expected.abs().max().item(),
                           cache=max((a - b).abs().max().item() for a, b in pairs),
                           x_kept=torch.equal(x, tokens[:, pos])))
 
-gpu_step.ATTENTION_SPLITS = 1
+gpu_step.ATTENTION_SPLITS, gpu_step.BLOCK_K = 1, 1024
 
 # a row alone and in a batch of three
 dalle = make_dalle()
@@ -106,8 +108,10 @@ def test_gpu_step_equals_the_pytorch_step(child_result):
     """Image logits and every cache write (keys, values, token-shift histories) equal `decode_token` +
     `image_logits`, at a text and an image position, for each attention type, with and without rotary and token
     shift, shared layers, sandwich norms and per-head sparse masks, for odd-sized and larger heads, with each row's
-    keys in one program or split over 3 and 4 (partial softmax states merged by the output product)."""
-    assert len(child_result["steps"]) == 18
+    keys in one program or split over 3 and 4 (partial softmax states merged by the output product), and with the
+    products' weights in one block or loaded block by block (each next block fetched before the current one is
+    used)."""
+    assert len(child_result["steps"]) == 20
     for step in child_result["steps"]:
         case = step["case"]
         assert step["supported"], case

@@ -49,6 +49,9 @@ _splits = os.environ.get("DALLE_APP_ATTENTION_SPLITS", "1")
 if not _splits.isdigit() or int(_splits) < 1:
     raise ValueError(f"DALLE_APP_ATTENTION_SPLITS must be a whole number from 1 up, not {_splits!r}.")
 ATTENTION_SPLITS = int(_splits)
+# Programmatic dependent launch (Hopper and later): each kernel is started while the one before it runs, loads its
+# first block of weights, and then waits for that kernel's results (gdc_wait), hiding launch and weight latency.
+PDL = not _INTERPRETED and os.environ.get("DALLE_APP_PDL", "1") != "0"
 disabled_reason: str | None = None  # why `disable` switched the step off in this process
 MAX_ROWS = 64  # beyond this the weights are re-read too often; the PyTorch step's GEMMs are better
 
@@ -96,16 +99,34 @@ if triton is not None:
         return tl.dot(a, b, acc)
 
     @triton.jit
+    def _weight_blocks(w_ptr, n, n_out, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, in_n, GEGLU: tl.constexpr):
+        """Reduction channels k0.. of W.T's columns n, (BLOCK_K, BLOCK_N), and of the gate columns with GEGLU (the
+        second half of W's rows; else the same block again, unused). Past K the block is masked out (no loads)."""
+        k = k0 + tl.arange(0, BLOCK_K)
+        w_mask = (k < K)[:, None] & in_n[None, :]
+        w = tl.load(w_ptr + n[None, :] * K + k[:, None], mask=w_mask, other=0.0)
+        g = w
+        if GEGLU:
+            g = tl.load(w_ptr + (n + n_out)[None, :] * K + k[:, None], mask=w_mask, other=0.0)
+        return w, g
+
+    @triton.jit
     def _norm_linear_kernel(x_ptr, x_stride, norm_w_ptr, norm_b_ptr, eps, hist_ptr, hist_stride_b, hist_stride_n,
                             pos_ptr, text_len, fmap_size, zero_row, w_ptr, bias_ptr, out_ptr, out_stride, rows,
                             n_out, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            GEGLU: tl.constexpr, IEEE: tl.constexpr):
+                            GEGLU: tl.constexpr, IEEE: tl.constexpr, USE_GDC: tl.constexpr):
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         first_column_block = tl.program_id(1) == 0
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_m, in_n = m < rows, n < n_out
         x_rows = x_ptr + m[:, None] * x_stride
+
+        # the first block of weights does not depend on the previous kernel: loaded while it finishes
+        w, g = _weight_blocks(w_ptr, n, n_out, 0, DIM, BLOCK_K, in_n, GEGLU)
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()  # the previous kernel's writes (x, the cache) are visible from here on
+            tl.extra.cuda.gdc_launch_dependents()
 
         # layer-norm statistics of each row from one load of the whole row (a loop would wait on every block)
         d = tl.arange(0, BLOCK_D)
@@ -144,12 +165,10 @@ if triton is not None:
                 shifted = tl.load(history + source[None, :] * hist_stride_n + k[None, :],
                                   mask=inside & ~own[None, :], other=0.0)
                 h = tl.where(own[None, :], h, shifted)
-            w_mask = in_k[:, None] & in_n[None, :]
-            w = tl.load(w_ptr + n[None, :] * DIM + k[:, None], mask=w_mask, other=0.0)  # (BLOCK_K, BLOCK_N) of W.T
             acc = _dot(h, w, acc, IEEE)
-            if GEGLU:  # the gate columns are the second half of W's rows
-                g = tl.load(w_ptr + (n + n_out)[None, :] * DIM + k[:, None], mask=w_mask, other=0.0)
+            if GEGLU:
                 gate_acc = _dot(h, g, gate_acc, IEEE)
+            w, g = _weight_blocks(w_ptr, n, n_out, k0 + BLOCK_K, DIM, BLOCK_K, in_n, GEGLU)  # next blocks
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n, mask=in_n, other=0.0).to(tl.float32)[None, :]
             if GEGLU:
@@ -182,10 +201,14 @@ if triton is not None:
                                 out_stride, rows, n_out, K: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                                 RESIDUAL: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
-                                HEAD_DIM: tl.constexpr, PART: tl.constexpr):
+                                HEAD_DIM: tl.constexpr, PART: tl.constexpr, USE_GDC: tl.constexpr):
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_m, in_n = m < rows, n < n_out
+        w, _ = _weight_blocks(w_ptr, n, n_out, 0, K, BLOCK_K, in_n, False)
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -196,8 +219,8 @@ if triton is not None:
             else:  # h is a split attention's partial states: merged here
                 h = _merge_splits(h_ptr, m, k, in_m[:, None] & in_k[None, :], K, SPLITS, HEAD_DIM, PART)
                 h = h.to(w_ptr.dtype.element_ty)
-            w = tl.load(w_ptr + n[None, :] * K + k[:, None], mask=in_k[:, None] & in_n[None, :], other=0.0)
             acc = _dot(h, w, acc, IEEE)
+            w, _ = _weight_blocks(w_ptr, n, n_out, k0 + BLOCK_K, K, BLOCK_K, in_n, False)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n, mask=in_n, other=0.0).to(tl.float32)[None, :]
         inside = in_m[:, None] & in_n[None, :]
@@ -222,6 +245,8 @@ class GpuStep:
         self.ieee = cache.kv[0].dtype == torch.float32
         self.masks = [t.layer_mask(i).contiguous() for i in range(t.depth)]
         self.cos_sin = t.rotary_cos_sin.to(cache.kv[0].dtype) if t.rotary_cos_sin is not None else None
+        kv = cache.kv[0]
+        self.pdl = PDL and kv.is_cuda and torch.cuda.get_device_capability(kv.device)[0] >= 9
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         t, cache = self.t, self.cache
@@ -232,7 +257,8 @@ class GpuStep:
             attn, ff = layer.attn.module, layer.ff.module
             qkv = self._norm_linear(residual, layer.attn.norm, self._history(2 * i), pos, attn.to_qkv)
             out = decode_kernels.decode_attention(qkv, cache.kv[i], pos, self.masks[i], cos, sin, attn.heads,
-                                                  attn.dim_head, tables=True, splits=ATTENTION_SPLITS)
+                                                  attn.dim_head, tables=True, splits=ATTENTION_SPLITS,
+                                                  pdl=self.pdl)
             if out.dim() == 3:  # (rows, 1, heads * dim_head); else partial states, merged by the next kernel
                 out = out.view(self.rows, -1)
             self._linear_residual(out, attn.to_out, layer.attn, residual, hidden)
@@ -264,7 +290,8 @@ class GpuStep:
             self.t.fmap_size, self.t.seq_len, weight, bias if bias is not None else weight, out, out.stride(0),
             self.rows, n_out, DIM=dim, BLOCK_D=_pow2(dim), BLOCK_M=self.block_m, BLOCK_N=block_n,
             BLOCK_K=min(BLOCK_K, _pow2(dim)),
-            SHIFT=shift, HAS_BIAS=bias is not None, GEGLU=geglu, IEEE=self.ieee, num_warps=NUM_WARPS)
+            SHIFT=shift, HAS_BIAS=bias is not None, GEGLU=geglu, IEEE=self.ieee, USE_GDC=self.pdl,
+            num_warps=NUM_WARPS, launch_pdl=self.pdl)
         return out
 
     def _linear_residual(self, h, linear: nn.Linear, branch, residual, out) -> None:
@@ -281,7 +308,8 @@ class GpuStep:
             h, h.stride(0), linear.weight, bias if bias is not None else linear.weight, branch.scale, residual,
             residual.stride(0), target, target.stride(0), self.rows, n_out, K=k, BLOCK_M=self.block_m,
             BLOCK_N=block_n, BLOCK_K=min(BLOCK_K, _pow2(k)), HAS_BIAS=bias is not None, RESIDUAL=not sandwich,
-            IEEE=self.ieee, SPLITS=split[0], HEAD_DIM=split[1], PART=split[2], num_warps=NUM_WARPS)
+            IEEE=self.ieee, SPLITS=split[0], HEAD_DIM=split[1], PART=split[2], USE_GDC=self.pdl,
+            num_warps=NUM_WARPS, launch_pdl=self.pdl)
         if sandwich:  # the norm needs whole rows: done after the product
             normed = nn.functional.layer_norm(target, target.shape[-1:], branch.norm_out.weight,
                                               branch.norm_out.bias, branch.norm_out.eps)

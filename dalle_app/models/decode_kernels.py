@@ -75,7 +75,10 @@ if triton is not None:
                                  mask_stride_n, cos_ptr, sin_ptr, rot_stride, out_ptr, out_stride_b, heads, scale,
                                  MAX_LEN: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_N: tl.constexpr, ROTARY: tl.constexpr, SPLITS: tl.constexpr,
-                                 SPLIT_LEN: tl.constexpr):
+                                 SPLIT_LEN: tl.constexpr, USE_GDC: tl.constexpr):
+        if USE_GDC:  # launched early (programmatic dependent launch): wait for the kernel that wrote qkv
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)
         d = tl.arange(0, BLOCK_D)
@@ -156,7 +159,7 @@ if triton is not None:
 
 def decode_attention(qkv: torch.Tensor, kv_cache: torch.Tensor, start: torch.Tensor, mask: torch.Tensor,
                      cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int, dim_head: int,
-                     tables: bool = False, splits: int = 1) -> torch.Tensor:
+                     tables: bool = False, splits: int = 1, pdl: bool = False) -> torch.Tensor:
     """One decoding step of an attention layer in one kernel: (b, 1, heads * dim_head), heads outer, in qkv's dtype.
 
     qkv: the to_qkv output of the new token, (b, 1, 3 * heads * dim_head) laid out as (3, heads, dim_head).
@@ -172,7 +175,8 @@ def decode_attention(qkv: torch.Tensor, kv_cache: torch.Tensor, start: torch.Ten
     splits > 1 (when `split_plan` keeps more than one): the keys are shared among that many programs per row and
     head, and the result is their partial softmax states, float32 (b, heads, splits, BLOCK_D + 2): the unnormalised
     weighted values, then the running max and sum, which the Triton step's output product merges
-    (`gpu_step._merge_splits`).
+    (`gpu_step._merge_splits`). pdl: launch it with programmatic dependent launch (Hopper and later; the kernels
+    around it must then wait likewise, as the Triton step's do).
     """
     b = qkv.shape[0]
     max_len = kv_cache.shape[3]
@@ -203,6 +207,6 @@ def decode_attention(qkv: torch.Tensor, kv_cache: torch.Tensor, start: torch.Ten
         qkv, qkv.stride(0), kv_cache, kv_stride[0], kv_stride[1], kv_stride[2], kv_stride[3], start,
         mask, *mask_strides, cos, sin, rot_stride, out, out.stride(0), heads, dim_head ** -0.5,
         MAX_LEN=max_len, DIM=dim_head, BLOCK_D=block_d, BLOCK_N=block_n, ROTARY=rotary, SPLITS=splits,
-        SPLIT_LEN=split_len, num_warps=num_warps)
+        SPLIT_LEN=split_len, USE_GDC=pdl, num_warps=num_warps, launch_pdl=pdl)
     return out
 
