@@ -14,6 +14,7 @@ PyTorch step against the GpuStep, whose products then run in IEEE float32) show 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=200)
     parser.add_argument("--no-float32", action="store_true", help="skip the float32 token comparison")
     parser.add_argument("--sweep", action="store_true", help="only time one step for a few launch configurations")
+    parser.add_argument("--phases", action="store_true", help="only split a request's time into its parts")
     args = parser.parse_args()
     if not torch.cuda.is_available() or gpu_step.triton is None:
         print("this check needs a CUDA device and Triton (tests/test_gpu_step.py covers Triton's CPU interpreter)")
@@ -60,6 +62,10 @@ def main() -> None:
     options = SamplingOptions(top_k=None, filter_thres=0.9, cond_scale=args.cond_scale)
     if args.sweep:
         sweep(dalle, args.images, options, args.replays)
+        return
+    if args.phases:
+        for images in args.images:
+            phases(dalle, prompt(dalle, images).to(dev), options)
         return
     print("\n| images | step | kernels/step | us/step first, middle, last image token | ms/token (generation) "
           "| seconds per request | tokens vs pytorch |")
@@ -116,13 +122,15 @@ def sweep(dalle, image_counts, options, replays) -> None:
     programs per row and head, then the GPU time of each kernel of one step (profiled outside the graph)."""
     print("\n| images | reduction block | warps | us/step first, middle, last |\n|---:|---:|---:|---|")
     for images in image_counts:
-        for block_k in (128, 256, 512, 1024):
+        for block_k in (256, 1024):
             for warps in (4, 8):
                 time_settings(dalle, images, options, replays, BLOCK_K=block_k, NUM_WARPS=warps)
-    print("\n| images | attention splits | us/step first, middle, last |\n|---:|---:|---|")
+    print("\n| images | attention splits | programmatic dependent launch | us/step first, middle, last |\n"
+          "|---:|---:|---|---|")
     for images in image_counts:
         for splits in (1, 2, 4, 8):
-            time_settings(dalle, images, options, replays, ATTENTION_SPLITS=splits)
+            for pdl in (False, True):
+                time_settings(dalle, images, options, replays, ATTENTION_SPLITS=splits, PDL=pdl)
     from torch.profiler import ProfilerActivity, profile
 
     from dalle_app.engine import generate
@@ -139,6 +147,50 @@ def sweep(dalle, image_counts, options, replays) -> None:
         torch.cuda.synchronize()
     print(f"\n{image_counts[0]} image(s), 10 steps outside the graph:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+def phases(dalle, text, options, repeats: int = 3) -> None:
+    """Where one request's time goes: the cache allocation, the prefill, building the stepper (for a CUDA graph:
+    two warm-up steps and the capture) and the rest (the token loop), each ended by a device synchronisation, so
+    the parts add up to slightly more than a request; median of `repeats` after a warm-up."""
+    from dalle_app.engine import generate, generate_image_tokens
+
+    parts: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            result = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            parts.setdefault(name, []).append(time.perf_counter() - t)
+            return result
+        return wrapper
+
+    calls = {"new_cache": dalle.new_cache, "prefill": dalle.transformer.forward}
+    stepper_init = generate._Stepper.__init__
+    runs = []
+    try:
+        dalle.new_cache = timed("cache", calls["new_cache"])
+        dalle.transformer.forward = timed("prefill", calls["prefill"])
+        generate._Stepper.__init__ = timed("stepper (capture)", stepper_init)
+        for _ in range(repeats + 1):
+            parts.clear()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            generate_image_tokens(dalle, text, options, seeds=list(range(text.shape[0])))
+            torch.cuda.synchronize()
+            total = time.perf_counter() - t
+            run = {name: sum(v) for name, v in parts.items()}
+            run["token loop and the rest"] = total - sum(run.values())
+            run["request"] = total
+            runs.append(run)
+    finally:
+        del dalle.new_cache, dalle.transformer.forward
+        generate._Stepper.__init__ = stepper_init
+    print(f"\n{text.shape[0]} image(s), ms (median of {repeats} after a warm-up):")
+    for name in runs[-1]:
+        print(f"| {name} | {statistics.median(r[name] for r in runs[1:]) * 1000:.1f} |")
+
 
 if __name__ == "__main__":
     main()
