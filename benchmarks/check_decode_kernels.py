@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dalle_app.engine import SamplingOptions, generate, generate_image_tokens  # noqa: E402
+from dalle_app.engine import SamplingOptions, generate_image_tokens, stepper  # noqa: E402
 from dalle_app.models import decode_kernels  # noqa: E402
 from dalle_app.models.attention import Rotary, attend_static_cache, write_kv  # noqa: E402
 from check_fused_sample import graph_time_us  # noqa: E402  (the same timing of a captured call)
@@ -43,7 +43,7 @@ def load_build():
 def set_kernel(on: bool) -> None:
     """Flip the switch; compiled steps are dropped so that the next one is traced with the new setting."""
     decode_kernels.ENABLED = on
-    generate._COMPILED.clear()
+    stepper._COMPILED.clear()
     torch._dynamo.reset()
 
 
@@ -65,7 +65,7 @@ def step_times_us(dalle, rows, options, compile_step, replays) -> tuple[list[flo
     guided = options.cond_scale != 1
     cache = dalle.new_cache(rows * (2 if guided else 1))
     seeds = torch.arange(rows, device=dev)
-    stepper = generate._Stepper(dalle, cache, seeds, options, guided, use_graph=True, compile=compile_step)
+    stepper = stepper.Stepper(dalle, cache, seeds, options, guided, use_graph=True, compile=compile_step)
     text_len = dalle.text_seq_len + 1
     times = []
     for pos in (text_len, text_len + dalle.image_seq_len // 2, text_len + dalle.image_seq_len - 2):

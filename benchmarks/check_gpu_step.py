@@ -133,11 +133,11 @@ def sweep(dalle, image_counts, options, replays) -> None:
                 time_settings(dalle, images, options, replays, ATTENTION_SPLITS=splits, PDL=pdl)
     from torch.profiler import ProfilerActivity, profile
 
-    from dalle_app.engine import generate
+    from dalle_app.engine.stepper import Stepper
 
     guided = options.cond_scale != 1
     rows = image_counts[0] * (2 if guided else 1)
-    stepper = generate._Stepper(dalle, dalle.new_cache(rows), torch.arange(image_counts[0], device="cuda"), options,
+    stepper = Stepper(dalle, dalle.new_cache(rows), torch.arange(image_counts[0], device="cuda"), options,
                                 guided, use_graph=True)
     ids = torch.zeros(rows // (2 if guided else 1), 1, dtype=torch.long, device="cuda")
     stepper.static_pos.fill_(dalle.text_seq_len + 1 + dalle.image_seq_len // 2)
@@ -149,12 +149,13 @@ def sweep(dalle, image_counts, options, replays) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 def phases(dalle, text, options, repeats: int = 3) -> None:
-    """Where one request's time goes: the cache allocation, the prefill, building the stepper (for a CUDA graph:
-    two warm-up steps and the capture) and the rest (the token loop), each ended by a device synchronisation, so
-    the parts add up to slightly more than a request; median of `repeats` after a warm-up."""
-    from dalle_app.engine import generate, generate_image_tokens
+    """Where one request's time goes: the cache allocation, building the stepper (for a CUDA graph: two warm-up
+    steps and the capture), the prefill (run, then captured for the next request), and the rest (the token loop), each ended by a device synchronisation, so
+    the parts add up to slightly more than a request. Medians of `repeats` after a warm-up, for a request that
+    builds its stepper (the pool emptied first) and one that takes the last request's from the pool."""
+    from dalle_app.engine import generate_image_tokens, stepper
 
-    parts: dict[str, list[float]] = {}
+    parts: dict[str, float] = {}
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
@@ -162,34 +163,52 @@ def phases(dalle, text, options, repeats: int = 3) -> None:
             t = time.perf_counter()
             result = fn(*args, **kwargs)
             torch.cuda.synchronize()
-            parts.setdefault(name, []).append(time.perf_counter() - t)
+            parts[name] = parts.get(name, 0.0) + time.perf_counter() - t
             return result
         return wrapper
 
-    calls = {"new_cache": dalle.new_cache, "prefill": dalle.transformer.forward}
-    stepper_init = generate._Stepper.__init__
-    runs = []
+    stepper_init, prefill = stepper.Stepper.__init__, stepper.Stepper.prefill
+    runs: dict[str, list[dict]] = {"fresh": [], "pooled": []}
+    tokens = {}
     try:
-        dalle.new_cache = timed("cache", calls["new_cache"])
-        dalle.transformer.forward = timed("prefill", calls["prefill"])
-        generate._Stepper.__init__ = timed("stepper (capture)", stepper_init)
+        dalle.new_cache = timed("cache", dalle.new_cache)
+        stepper.Stepper.__init__ = timed("stepper (capture)", stepper_init)
+        stepper.Stepper.prefill = timed("prefill (captured once the stepper is kept)", prefill)
         for _ in range(repeats + 1):
-            parts.clear()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            generate_image_tokens(dalle, text, options, seeds=list(range(text.shape[0])))
-            torch.cuda.synchronize()
-            total = time.perf_counter() - t
-            run = {name: sum(v) for name, v in parts.items()}
-            run["token loop and the rest"] = total - sum(run.values())
-            run["request"] = total
-            runs.append(run)
+            for kind in runs:
+                if kind == "fresh":
+                    stepper.POOL.clear()
+                parts.clear()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                tokens[kind] = generate_image_tokens(dalle, text, options, seeds=list(range(text.shape[0]))).image_ids
+                torch.cuda.synchronize()
+                total = time.perf_counter() - t
+                run = dict(parts)
+                run["token loop and the rest"] = total - sum(parts.values())
+                run["request"] = total
+                runs[kind].append(run)
     finally:
-        del dalle.new_cache, dalle.transformer.forward
-        generate._Stepper.__init__ = stepper_init
-    print(f"\n{text.shape[0]} image(s), ms (median of {repeats} after a warm-up):")
-    for name in runs[-1]:
-        print(f"| {name} | {statistics.median(r[name] for r in runs[1:]) * 1000:.1f} |")
+        del dalle.new_cache
+        stepper.Stepper.__init__, stepper.Stepper.prefill = stepper_init, prefill
+    names = list(runs["fresh"][-1])
+    print(f"\n{text.shape[0]} image(s), ms (median of {repeats} after a warm-up)\n\n| part | stepper built | "
+          "stepper from the pool |\n|---|---:|---:|")
+    for name in names:
+        cells = [statistics.median(r.get(name, 0.0) for r in runs[kind][1:]) * 1000 for kind in runs]
+        print(f"| {name} | {cells[0]:.1f} | {cells[1]:.1f} |")
+    # the same tokens from a kept stepper (and its captured prefill) as from a new one, also with priming
+    same = [torch.equal(tokens["fresh"], tokens["pooled"])]
+    prime = torch.randint(0, dalle.num_image_tokens, (text.shape[0], 40), device=text.device)
+    primed = []
+    for _ in range(3):  # built, then kept: prefill run then captured, then replayed
+        primed.append(generate_image_tokens(dalle, text, options, seeds=list(range(text.shape[0])),
+                                            prime_ids=prime).image_ids)
+    stepper.POOL.clear()
+    unprimed_fresh = generate_image_tokens(dalle, text, options, seeds=list(range(text.shape[0]))).image_ids
+    same += [torch.equal(primed[0], p) for p in primed[1:]] + [torch.equal(unprimed_fresh, tokens["fresh"])]
+    print(f"tokens of kept steppers equal a new one's (plain, primed x2, new again): {same}; primed tokens kept: "
+          f"{torch.equal(primed[-1][:, :40], prime)}")
 
 
 if __name__ == "__main__":

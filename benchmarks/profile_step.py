@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate import build, prompt  # noqa: E402
 
 from dalle_app.engine import SamplingOptions, generate_image_tokens  # noqa: E402
-from dalle_app.engine.generate import _Stepper  # noqa: E402
+from dalle_app.engine.stepper import Stepper  # noqa: E402
 
 
 @torch.no_grad()
-def kernels_per_step(stepper: _Stepper, rows: int, pos: int, table: bool = False) -> int:
+def kernels_per_step(stepper: Stepper, rows: int, pos: int, table: bool = False) -> int:
     """CUDA kernels launched by one un-captured step (with `table`, also print the kernels by GPU time)."""
     device = stepper.seeds.device
     ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -41,7 +41,7 @@ def kernels_per_step(stepper: _Stepper, rows: int, pos: int, table: bool = False
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
-def replay_microseconds(stepper: _Stepper, repeats: int = 200) -> float:
+def replay_microseconds(stepper: Stepper, repeats: int = 200) -> float:
     """GPU time of one replayed step, from CUDA events around `repeats` replays."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     stepper.graph.replay()
@@ -75,7 +75,7 @@ def main():
             seeds = torch.arange(images, device=device)
             t = time.perf_counter()
             with torch.no_grad():
-                stepper = _Stepper(dalle, cache, seeds, options, guided, use_graph=True, compile=compile_step)
+                stepper = Stepper(dalle, cache, seeds, options, guided, use_graph=True, compile=compile_step)
             setup = time.perf_counter() - t
             kernels = kernels_per_step(stepper, images, dalle.text_seq_len + 1 + dalle.image_seq_len // 2,
                                        table=args.table)

@@ -27,13 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dalle_app.engine import generate as engine_generate  # noqa: E402
+from dalle_app.engine import stepper as engine_stepper  # noqa: E402
 
 DELAY = float(os.environ.get("DALLE_TEST_STEP_DELAY", "0") or 0)
 OOM_FILE = os.environ.get("DALLE_TEST_OOM_FILE")
 STEP_LOG = os.environ.get("DALLE_TEST_STEP_LOG")
 steps: dict[int, list] = {}
-_original_step = engine_generate._Stepper.__call__
+_original_step = engine_stepper.Stepper.__call__
 
 
 def _step(self, ids, pos):
@@ -58,7 +58,7 @@ def _write_log():
         time.sleep(0.05)
 
 
-engine_generate._Stepper.__call__ = _step
+engine_stepper.Stepper.__call__ = _step
 if STEP_LOG:
     threading.Thread(target=_write_log, daemon=True).start()
 if os.environ.get("DALLE_TEST_NO_HF_BACKOFF"):

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, torch
-from dalle_app.engine import SamplingOptions, generate, generate_image_tokens
+from dalle_app.engine import SamplingOptions, generate_image_tokens, stepper
 from dalle_app.models import DALLE, DiscreteVAE, decode_kernels
 from dalle_app.models.attention import (Rotary, attend_static_cache, attention_mask, rotary_table, rotary_tables,
                                         sparse_attention_mask, write_kv)
@@ -83,7 +83,7 @@ per_row = torch.stack([masks["full"], masks["axial_row"]])[:, None].expand(2, he
 kernel.append([32, "per row", TEXT + 30, compare(2, heads, 32, per_row, TEXT + 30, rows_alone=True)])
 
 # a whole model: the engine's tensor-position step (what the CUDA graph runs), uncompiled, kernel on and off
-generate._compiled_step = lambda mode=None: generate._decode_step
+stepper._compiled_step = lambda mode=None: stepper.decode_step
 torch.manual_seed(0)
 vae = DiscreteVAE(image_size=32, num_layers=3, num_tokens=48, codebook_dim=16, hidden_dim=8)
 dalle = DALLE(dim=32, vae=vae, num_text_tokens=60, text_seq_len=8, depth=4, heads=2, dim_head=32,

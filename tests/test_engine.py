@@ -140,6 +140,9 @@ def test_stop_returns_partial_tokens_and_progress_reports():
 
 
 def test_out_of_memory_is_retried_in_smaller_chunks_with_same_images():
+    from dalle_app.engine import stepper
+
+    stepper.POOL.clear()  # steppers kept from other tests would be dropped and the same chunk retried first
     dalle = make_dalle()
     text = prompts(4)
     calls = []
@@ -167,12 +170,12 @@ def test_generate_images_leaves_caller_text_alone_and_uses_cache_at_cond_scale_1
     images = dalle.generate_images(text, cond_scale=3.0, filter_thres=0.9)
     assert torch.equal(text, before)  # reference bug: zeroed in place with cond_scale != 1
     assert images.shape == (2, 3, 32, 32)
-    from dalle_app.engine import cpu_step, generate as engine_generate
+    from dalle_app.engine import cpu_step, stepper as engine_stepper
 
     monkeypatch.setattr(cpu_step, "supports", lambda *a: False)  # count the PyTorch steps (the C step has its test)
     steps = []
-    step = engine_generate.decode_token
-    monkeypatch.setattr(engine_generate, "decode_token", lambda t, x, *a: (steps.append(x.shape), step(t, x, *a))[1])
+    step = engine_stepper.decode_token
+    monkeypatch.setattr(engine_stepper, "decode_token", lambda t, x, *a: (steps.append(x.shape), step(t, x, *a))[1])
     lengths.clear()
     dalle.generate_images(text, cond_scale=1.0)
     # reference bug: cache dropped at cond_scale 1; here one prefill, then one token per step
@@ -241,9 +244,9 @@ def test_half_precision_forward_and_generation(dtype):
 def test_static_cache_step_equals_uncached(name, monkeypatch):
     """The step that CUDA graphs and torch.compile run (position as a tensor, attention over the whole static cache
     with the unwritten tail masked) samples exactly what the uncached forward does."""
-    from dalle_app.engine import generate as engine_generate
+    from dalle_app.engine import stepper as engine_stepper
 
-    monkeypatch.setattr(engine_generate, "_compiled_step", lambda mode=None: engine_generate._decode_step)
+    monkeypatch.setattr(engine_stepper, "_compiled_step", lambda mode=None: engine_stepper.decode_step)
     dalle = make_dalle(**CONFIGS[name])
     text = prompts()
     options = SamplingOptions(temperature=1.0, top_k=10, cond_scale=3.0)
@@ -300,7 +303,7 @@ def test_results_are_ordinary_tensors_that_callers_may_edit():
 def test_a_triton_step_that_fails_here_gives_way_to_the_pytorch_step(monkeypatch):
     """A GPU or Triton version that cannot build the Triton step: the request still completes, with the same tokens
     as the PyTorch step, says so in its notes, and later requests no longer try it."""
-    from dalle_app.engine import cpu_step, gpu_step
+    from dalle_app.engine import cpu_step, gpu_step, stepper
 
     class Unbuildable:
         def __init__(self, dalle, cache):
@@ -313,6 +316,7 @@ def test_a_triton_step_that_fails_here_gives_way_to_the_pytorch_step(monkeypatch
     options = SamplingOptions(top_k=8, cond_scale=2.0)
     monkeypatch.setattr(cpu_step, "supports", lambda dalle, cache: False)
     expected = generate_image_tokens(dalle, prompts(2), options, seeds=[1, 2], use_cuda_graph=False)
+    stepper.POOL.clear()  # else the next request takes over the PyTorch stepper just used
     monkeypatch.setattr(gpu_step, "GpuStep", Unbuildable)
     monkeypatch.setattr(gpu_step, "supports", lambda dalle, cache: gpu_step.ENABLED)
     monkeypatch.setattr(gpu_step, "ENABLED", True)

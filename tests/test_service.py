@@ -211,9 +211,9 @@ def test_each_request_chooses_its_model_without_changing_the_default(service, tm
 @pytest.fixture
 def slow_steps(monkeypatch):
     """Each decoding step sleeps 1 ms per image (a tiny model made as slow as a real one, without using the CPU)."""
-    from dalle_app.engine import generate as engine_generate
+    from dalle_app.engine import stepper as engine_stepper
 
-    original = engine_generate._Stepper.__call__
+    original = engine_stepper.Stepper.__call__
     rows = []
 
     def step(self, ids, pos):
@@ -221,7 +221,7 @@ def slow_steps(monkeypatch):
         time.sleep(0.001 * ids.shape[0])
         return original(self, ids, pos)
 
-    monkeypatch.setattr(engine_generate._Stepper, "__call__", step)
+    monkeypatch.setattr(engine_stepper.Stepper, "__call__", step)
     return rows  # images in each step, in the order the steps ran
 
 
@@ -316,10 +316,10 @@ def test_closing_a_request_frees_its_turn_at_once(service, slow_steps):
 
 
 def test_out_of_memory_is_retried_in_smaller_chunks_with_the_same_images(service, monkeypatch):
-    from dalle_app.engine import generate as engine_generate
+    from dalle_app.engine import stepper as engine_stepper
 
     whole = _last(service.text_to_image("a red circle", 4, seed=21))
-    original = engine_generate._Stepper.__call__
+    original = engine_stepper.Stepper.__call__
     limit = {"rows": 2}
 
     def step(self, ids, pos):
@@ -327,7 +327,7 @@ def test_out_of_memory_is_retried_in_smaller_chunks_with_the_same_images(service
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(self, ids, pos)
 
-    monkeypatch.setattr(engine_generate._Stepper, "__call__", step)
+    monkeypatch.setattr(engine_stepper.Stepper, "__call__", step)
     updates = list(service.text_to_image("a red circle", 4, seed=21))
     split = updates[-1]
     assert any("chunks of 2" in n for n in split.info["notes"]) and split.info["seeds"] == [21, 22, 23, 24]

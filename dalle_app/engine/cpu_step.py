@@ -164,7 +164,7 @@ class CpuStep:
 
     def __init__(self, dalle, cache, threads: int | None = None):
         t = dalle.transformer
-        self.dalle, self.t, self.cache = dalle, t, cache
+        self.t, self.cache = t, cache  # not dalle: see stepper.StepperPool
         self._lib = library()
         self._keep = []  # tensors whose memory the C structures point into
         batch = cache.kv[0].shape[1]

@@ -2,7 +2,8 @@
 
 One request = `rows` images. With guidance the batch holds 2*rows sequences, [conditional; unconditional], each
 with its own cache rows, run in one forward pass per token. On CUDA the per-token step (embedding, transformer,
-head, guidance, sampling) is captured once in a CUDA graph and replayed.
+head, guidance, sampling) is captured once in a CUDA graph and replayed (`stepper.Stepper`), and kept for the next
+request of the same shape and settings (`stepper.POOL`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Callable
 import torch
 
 from ..models.token_step import decode_token
-from ..models.transformer import InferenceCache
-from . import cpu_step, gpu_step
-from .sampling import SamplingOptions, guide, sample
+from . import cpu_step
+from .sampling import SamplingOptions, sample
+from .stepper import POOL, Stepper, stepper_key
 
 ProgressFn = Callable[["Progress"], None]
 
@@ -69,118 +70,6 @@ def _seed_tensor(seeds, rows, device):
     if len(seeds) != rows:
         raise ValueError(f"got {len(seeds)} seeds for {rows} images; give one seed per image.")
     return seeds, torch.tensor(seeds, dtype=torch.long, device=device)
-
-
-def _decode_step(dalle, kv, shifted, seeds, ids, pos, guided, cond_scale, temperature, top_k, top_p,
-                 fused_step=None):
-    """Feed image tokens ids (rows, 1) at sequence position pos; return the next sampled image token per row.
-    fused_step: a `cpu_step.CpuStep` or `gpu_step.GpuStep` over this cache, which then runs the transformer and the
-    head (and the CpuStep, without top-p, guidance and sampling)."""
-    text_len = dalle.text_seq_len + 1
-    feed = ids.repeat(2, 1) if guided else ids
-    img_pos = pos - text_len
-    x = dalle.embed_image(feed, img_pos)
-    cache = InferenceCache(kv, shifted)
-    if fused_step is not None:  # one C call on the CPU, five Triton kernels a layer on CUDA
-        logits = fused_step(x[:, -1], pos)
-        if top_p is None and isinstance(fused_step, cpu_step.CpuStep):  # and the sampling in another C call
-            return fused_step.sample(logits, seeds, img_pos + 1, temperature, top_k, cond_scale if guided else None)
-    elif torch.is_tensor(pos):  # captured or compiled: one program for every position
-        logits = dalle.image_logits(dalle.transformer(x, cache=cache, start=pos)[:, -1])
-    else:  # eager: the same step in far fewer operations
-        logits = dalle.image_logits(decode_token(dalle.transformer, x[:, -1], cache, pos))
-    if guided:
-        logits = guide(logits, cond_scale)
-    # noise position = index of the token being chosen
-    return sample(logits, seeds, img_pos + 1, temperature, top_k, top_p)
-
-
-_COMPILED: dict = {}
-
-
-def _compiled_step(mode: str | None = None):
-    """`_decode_step` through torch.compile (`mode`: a torch.compile mode, None for the default): one program per
-    batch shape, the cache updated in place, the step's many small kernels fused. Requests come in many batch
-    sizes, hence the raised recompile limit."""
-    if mode not in _COMPILED:
-        import torch._dynamo
-        import torch._inductor.config
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        # tunes the block sizes of the generated GPU kernels: on an H200 the community shape went from 0.271 s to
-        # 0.255 s (8 guided images) and 0.233 s to 0.227 s (1), session 7; no effect on CPU code
-        torch._inductor.config.coordinate_descent_tuning = True
-        _COMPILED[mode] = torch.compile(_decode_step, dynamic=False, mode=mode)
-    return _COMPILED[mode]
-
-
-class _Stepper:
-    """Runs one decoding step for all rows: feed image token at position `pos`, return the next sampled token."""
-
-    def __init__(self, dalle, cache, seeds, options: SamplingOptions, guided: bool, use_graph: bool,
-                 compile: bool | str = False):
-        self.dalle, self.cache, self.seeds, self.guided, self.compile = dalle, cache, seeds, guided, compile
-        self.options = options
-        self.top_k = options.effective_top_k(dalle.num_image_tokens, dalle.total_tokens)
-        self.graph = None
-        self.notes: list[str] = []
-        self._first_step = True
-        eager = not use_graph and not compile
-        self.fused_step = None
-        if eager and cpu_step.supports(dalle, cache):
-            self.fused_step = cpu_step.CpuStep(dalle, cache)
-        elif not compile and gpu_step.supports(dalle, cache):
-            self.fused_step = gpu_step.GpuStep(dalle, cache)
-        # the position as a tensor: one graph or compiled program serves every position
-        self.static_pos = torch.full((1,), dalle.text_seq_len + 1, dtype=torch.long, device=seeds.device)
-        if use_graph:
-            self._capture()
-
-    def _run_step(self, ids, pos):
-        mode = self.compile if isinstance(self.compile, str) else None
-        step = _compiled_step(mode) if self.compile else _decode_step
-        c, o = self.cache, self.options
-
-        def run():
-            return step(self.dalle, c.kv, c.shifted, self.seeds, ids, pos, self.guided, o.cond_scale, o.temperature,
-                        self.top_k, o.top_p, self.fused_step)
-
-        if not isinstance(self.fused_step, gpu_step.GpuStep) or not self._first_step:
-            return run()
-        try:  # its first step builds its kernels, which an older GPU or Triton may refuse
-            result = run()
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as error:  # noqa: BLE001 - whatever the cause, the PyTorch step computes the same
-            gpu_step.disable(error)
-            self.notes.append("The Triton decoding step failed on this GPU, so the PyTorch step was used "
-                              f"({gpu_step.disabled_reason}).")
-            self.fused_step = None  # it wrote only this position's cache entries, which the PyTorch step rewrites
-            return run()
-        self._first_step = False
-        return result
-
-    def _capture(self):
-        dev = self.seeds.device
-        self.static_ids = torch.zeros(len(self.seeds), 1, dtype=torch.long, device=dev)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up kernels outside the graph
-            for _ in range(2):
-                self._run_step(self.static_ids, self.static_pos)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_out = self._run_step(self.static_ids, self.static_pos)
-
-    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        if self.graph is None:
-            tensor_pos = self.compile or isinstance(self.fused_step, gpu_step.GpuStep)
-            return self._run_step(ids, self.static_pos.fill_(pos) if tensor_pos else pos)
-        self.static_ids.copy_(ids)
-        self.static_pos.fill_(pos)
-        self.graph.replay()
-        return self.static_out.clone()
 
 
 def _in_inference_mode(fn):
@@ -241,22 +130,20 @@ def generate_image_tokens(dalle, text: torch.Tensor, options: SamplingOptions | 
 
     start_time = time.perf_counter()
     batch_text = torch.cat([text, torch.zeros_like(text)]) if guided else text
-    cache = dalle.new_cache(batch_text.shape[0])
-    prefix_ids = full_prime[:, :prefix]
-    tokens = dalle.embed(batch_text, prefix_ids.repeat(2, 1) if guided else prefix_ids)
-    hidden = dalle.transformer(tokens, cache=cache, start=0)
-    logits = dalle.image_logits(hidden[:, -1])
-    if guided:
-        logits = guide(logits, options.cond_scale)
-    top_k = options.effective_top_k(dalle.num_image_tokens, dalle.total_tokens)
-    next_ids = sample(logits, seed_t, prefix, options.temperature, top_k, options.top_p)
+    if use_cuda_graph is None:
+        use_cuda_graph = device.type == "cuda"
+    use_graph = use_cuda_graph and prefix < total - 1
+    # the stepper first: capturing its graph runs steps that write the cache, which the prefill then overwrites
+    key = stepper_key(dalle, batch_text.shape[0], options, use_graph, compile_step)
+    stepper = POOL.take(dalle, key)
+    if stepper is None:
+        stepper = Stepper(dalle, dalle.new_cache(batch_text.shape[0]), seed_t.clone(), options, guided,
+                          use_graph=use_graph, compile=compile_step)
+    stepper.start(seed_t)
+    next_ids = stepper.prefill(batch_text, full_prime[:, :prefix])
 
     out = full_prime.clone()
     text_len = dalle.text_seq_len + 1
-    if use_cuda_graph is None:
-        use_cuda_graph = device.type == "cuda"
-    stepper = _Stepper(dalle, cache, seed_t, options, guided, use_graph=use_cuda_graph and prefix < total - 1,
-                       compile=compile_step)
     completed = True
     given_list = given.tolist()  # host copy: no device sync inside the loop
     for j in range(prefix, total):
@@ -271,6 +158,7 @@ def generate_image_tokens(dalle, text: torch.Tensor, options: SamplingOptions | 
             completed = False
             break
         next_ids = stepper(out[:, j:j + 1], text_len + j)
+    POOL.put(dalle, key, stepper)  # not after an error: it may have stopped mid-step
     dalle.train(dalle_was_training)
     return ImageTokens(out, seeds, completed, time.perf_counter() - start_time, stepper.notes)
 

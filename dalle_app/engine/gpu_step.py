@@ -73,6 +73,11 @@ def supports(dalle, cache) -> bool:
     return cache.kv[0].shape[3] == t.seq_len and t.dim_head <= 128 and plain_stack(dalle, cache)
 
 
+def launch_settings() -> tuple:
+    """The module settings a captured step depends on (a stepper captured under others is not reused)."""
+    return ENABLED, NUM_WARPS, BLOCK_K, ATTENTION_SPLITS, PDL
+
+
 def disable(error: BaseException) -> None:
     """Stop using the Triton step in this process (its kernels failed to build or run here), keeping why: the
     error's type and first line (a Triton compile error runs to pages)."""
@@ -239,7 +244,8 @@ class GpuStep:
 
     def __init__(self, dalle, cache):
         t = dalle.transformer
-        self.dalle, self.t, self.cache = dalle, t, cache
+        self.t, self.cache = t, cache
+        self.head, self.text_tokens = dalle.to_logits, dalle.num_text_tokens  # not dalle: see stepper.StepperPool
         self.rows = cache.batch_size
         self.block_m = 16  # whatever the batch: a row is then computed by the same code, alone or not
         self.ieee = cache.kv[0].dtype == torch.float32
@@ -265,9 +271,8 @@ class GpuStep:
             residual = hidden
             gated = self._norm_linear(hidden, layer.ff.norm, self._history(2 * i + 1), pos, ff.proj_in, geglu=True)
             self._linear_residual(gated, ff.proj_out, layer.ff, hidden, hidden)
-        norm, proj = self.dalle.to_logits
-        skip = self.dalle.num_text_tokens
-        return self._norm_linear(residual, norm, None, pos, proj, rows_from=skip)
+        norm, proj = self.head
+        return self._norm_linear(residual, norm, None, pos, proj, rows_from=self.text_tokens)
 
     def _history(self, index: int) -> torch.Tensor | None:
         return self.cache.shifted[index] if self.cache.shifted is not None else None

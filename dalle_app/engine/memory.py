@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from .generate import ImageTokens, generate_image_tokens
+from .stepper import POOL
 
 
 def estimate_request_bytes(dalle, rows: int, guided: bool, dtype_bytes: int | None = None) -> int:
@@ -33,7 +34,8 @@ def generate_in_chunks(dalle, text: torch.Tensor, options, *, seeds, chunk_size:
     """Run generate_image_tokens over the rows in chunks; on out-of-memory, halve the chunk and retry.
 
     Because every image's noise depends only on its own seed, the split does not change any image.
-    The result's `notes` say when the request had to be split.
+    The result's `notes` say when the request had to be split. Before the first split, the steppers kept for later
+    requests (`stepper.POOL`, caches and graphs) are dropped and the same chunk is tried again.
     """
     rows = text.shape[0]
     seeds = [int(s) for s in seeds]
@@ -57,12 +59,15 @@ def generate_in_chunks(dalle, text: torch.Tensor, options, *, seeds, chunk_size:
             ids = torch.cat([p[:, :n] for p in parts])
             return ImageTokens(ids, seeds[:ids.shape[0]], completed, seconds, notes)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
-            if not _is_oom(err) or chunk == 1:
-                if _is_oom(err):
-                    raise MemoryError("The GPU ran out of memory even for one image at a time; free GPU memory "
-                                      "or use a smaller model or the CPU.") from err
+            if not _is_oom(err):
                 raise
+            kept = POOL.clear()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            if kept:
+                continue
+            if chunk == 1:
+                raise MemoryError("The GPU ran out of memory even for one image at a time; free GPU memory "
+                                  "or use a smaller model or the CPU.") from err
             chunk = max(1, chunk // 2)
             notes.append(f"GPU memory ran out; retried in chunks of {chunk} images.")
