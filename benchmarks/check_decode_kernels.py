@@ -65,21 +65,21 @@ def step_times_us(dalle, rows, options, compile_step, replays) -> tuple[list[flo
     guided = options.cond_scale != 1
     cache = dalle.new_cache(rows * (2 if guided else 1))
     seeds = torch.arange(rows, device=dev)
-    stepper = stepper.Stepper(dalle, cache, seeds, options, guided, use_graph=True, compile=compile_step)
+    step = stepper.Stepper(dalle, cache, seeds, options, guided, use_graph=True, compile=compile_step)
     text_len = dalle.text_seq_len + 1
     times = []
     for pos in (text_len, text_len + dalle.image_seq_len // 2, text_len + dalle.image_seq_len - 2):
-        stepper.static_pos.fill_(pos)
-        stepper.graph.replay()
+        step.static_pos.fill_(pos)
+        step.graph.replay()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(replays):
-            stepper.graph.replay()
+            step.graph.replay()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1000 / replays)
-    return times, count_kernels(stepper)
+    return times, count_kernels(step)
 
 
 @torch.no_grad()

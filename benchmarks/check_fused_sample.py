@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[16384, 1024])
     parser.add_argument("--top-k", type=int, nargs="+", default=[6579, 64])
     parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--warps", type=int, nargs="*", default=[], help="also time the fused kernel with these warps")
     args = parser.parse_args()
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -69,6 +70,18 @@ def main() -> None:
                     fused_us = graph_time_us(lambda: fused_sample.sample_top_k(logits, seeds, pos, 1.0, top_k))
                     print(f"| {rows} | {vocab} | {top_k} | {str(dtype)[6:]} | {differ} of {rows * args.draws} "
                           f"| {plain_us:.1f} | {fused_us:.1f} | {plain_us / fused_us:.1f}x |", flush=True)
+    if args.warps:
+        print("\n| rows | vocab | top-k | warps | fused us (bfloat16) |\n|---:|---:|---:|---:|---:|")
+        for vocab in args.vocab:
+            logits = (torch.randn(max(args.rows), vocab, device=dev) * 4).to(torch.bfloat16)
+            seeds = torch.randint(0, 2 ** 31 - 1, (max(args.rows),), device=dev)
+            for rows in args.rows:
+                for warps in args.warps:
+                    fused_sample.NUM_WARPS = warps
+                    us = graph_time_us(lambda: fused_sample.sample_top_k(logits[:rows], seeds[:rows], pos, 1.0,
+                                                                         args.top_k[0]))
+                    print(f"| {rows} | {vocab} | {args.top_k[0]} | {warps} | {us:.1f} |", flush=True)
+        fused_sample.NUM_WARPS = None
 
 
 if __name__ == "__main__":

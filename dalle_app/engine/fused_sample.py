@@ -26,6 +26,7 @@ except ImportError:  # CPU-only installs have no Triton
     triton = None
 
 _MAX_VOCAB = 1 << 15  # one row is one program's registers
+NUM_WARPS: int | None = None  # per program; None: 4 to 16 by vocabulary size (benchmarks/check_fused_sample.py)
 
 
 # Opt-in (DALLE_APP_FUSED_SAMPLE=1) until it has been compiled and timed on a GPU: so far it has only run under
@@ -93,5 +94,5 @@ def sample_top_k(logits: torch.Tensor, seeds: torch.Tensor, position, temperatur
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
     block = triton.next_power_of_2(vocab)
     _top_k_gumbel_kernel[(rows,)](logits, logits.stride(0), seeds, position, out, vocab, min(top_k, vocab),
-                                  float(temperature), BLOCK=block, num_warps=min(16, max(4, block // 1024)))
+                                  float(temperature), BLOCK=block, num_warps=NUM_WARPS or min(16, max(4, block // 1024)))
     return out

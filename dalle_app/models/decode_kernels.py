@@ -120,8 +120,9 @@ if triton is not None:
         acc = tl.zeros([BLOCK_D], tl.float32)
         if SPLITS == 1:
             for n0 in range(0, MAX_LEN, BLOCK_N):
-                m_i, l_i, acc = _attend_block(n0, start, q, k, v, d, in_d, k_cache, v_cache, kv_stride_n, mask_row,
-                                              mask_stride_n, m_i, l_i, acc, MAX_LEN, BLOCK_N)
+                if n0 <= start:  # blocks after this token's hold no key it may attend
+                    m_i, l_i, acc = _attend_block(n0, start, q, k, v, d, in_d, k_cache, v_cache, kv_stride_n,
+                                                  mask_row, mask_stride_n, m_i, l_i, acc, MAX_LEN, BLOCK_N)
             out = acc / l_i
             tl.store(out_ptr + b * out_stride_b + h * DIM + d, out.to(out_ptr.dtype.element_ty), mask=in_d)
         else:  # this program's share of the keys; the partial result is combined later
