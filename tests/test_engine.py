@@ -303,7 +303,7 @@ def test_results_are_ordinary_tensors_that_callers_may_edit():
 def test_a_triton_step_that_fails_here_gives_way_to_the_pytorch_step(monkeypatch):
     """A GPU or Triton version that cannot build the Triton step: the request still completes, with the same tokens
     as the PyTorch step, says so in its notes, and later requests no longer try it."""
-    from dalle_app.engine import cpu_step, gpu_step, stepper
+    from dalle_app.engine import cpu_step, gpu_step
 
     class Unbuildable:
         def __init__(self, dalle, cache):
@@ -316,7 +316,6 @@ def test_a_triton_step_that_fails_here_gives_way_to_the_pytorch_step(monkeypatch
     options = SamplingOptions(top_k=8, cond_scale=2.0)
     monkeypatch.setattr(cpu_step, "supports", lambda dalle, cache: False)
     expected = generate_image_tokens(dalle, prompts(2), options, seeds=[1, 2], use_cuda_graph=False)
-    stepper.POOL.clear()  # else the next request takes over the PyTorch stepper just used
     monkeypatch.setattr(gpu_step, "GpuStep", Unbuildable)
     monkeypatch.setattr(gpu_step, "supports", lambda dalle, cache: gpu_step.ENABLED)
     monkeypatch.setattr(gpu_step, "ENABLED", True)

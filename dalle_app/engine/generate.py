@@ -136,6 +136,8 @@ def generate_image_tokens(dalle, text: torch.Tensor, options: SamplingOptions | 
     # the stepper first: capturing its graph runs steps that write the cache, which the prefill then overwrites
     key = stepper_key(dalle, batch_text.shape[0], options, use_graph, compile_step)
     stepper = POOL.take(dalle, key)
+    if stepper is not None and not stepper.fits(dalle):
+        stepper = None
     if stepper is None:
         stepper = Stepper(dalle, dalle.new_cache(batch_text.shape[0]), seed_t.clone(), options, guided,
                           use_graph=use_graph, compile=compile_step)

@@ -81,17 +81,28 @@ class Stepper:
         self.graph = None
         self.notes: list[str] = []
         self._first_step = True
-        eager = not use_graph and not compile
-        self.fused_step = None
-        if eager and cpu_step.supports(dalle, cache):
-            self.fused_step = cpu_step.CpuStep(dalle, cache)
-        elif not compile and gpu_step.supports(dalle, cache):
-            self.fused_step = gpu_step.GpuStep(dalle, cache)
+        self._use_graph = use_graph
+        kind = self._fused_kind(dalle)
+        self.fused_step = kind(dalle, cache) if kind is not None else None
         # the position as a tensor: one graph or compiled program serves every position
         self.static_pos = torch.full((1,), dalle.text_seq_len + 1, dtype=torch.long, device=seeds.device)
         self._prefills: dict = {}  # captured prefills by number of given image tokens
         if use_graph:
             self._capture()
+
+    def _fused_kind(self, dalle):
+        """The hand-written step to use for this model and cache: the C step (CPU, no graph), the Triton step
+        (CUDA, not compiled) or None (the PyTorch step)."""
+        if not self._use_graph and not self.compile and cpu_step.supports(dalle, self.cache):
+            return cpu_step.CpuStep
+        if not self.compile and gpu_step.supports(dalle, self.cache):
+            return gpu_step.GpuStep
+        return None
+
+    def fits(self, dalle) -> bool:
+        """Whether this kept stepper runs the step a new one would now (a step switched off since does not)."""
+        running = type(self.fused_step) if self.fused_step is not None else None
+        return running is self._fused_kind(dalle)
 
     def start(self, seeds: torch.Tensor) -> None:
         """Begin another request: these seeds (copied into the captured ones) and no notes yet. The caller then
