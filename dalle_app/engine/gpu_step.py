@@ -18,8 +18,10 @@ on another inside a branch.
 `GpuStep(dalle, cache)(x, pos)` computes what `Transformer.forward` + `DALLE.image_logits` compute for one token
 (tests compare them under Triton's CPU interpreter); `supports` says when it applies. The engine uses it for every
 CUDA-graph step it supports; `DALLE_APP_GPU_STEP=0` (or `ENABLED = False`) makes it capture the PyTorch step instead.
-On an H100 a community-shape step takes ~0.6 ms against 1.4 ms for the PyTorch step and 0.83 ms for the compiled one
-(`benchmarks/results/h100_2026-12-07_session17.md`).
+On an H100 a community-shape step takes ~0.53 ms against 1.4 ms for the PyTorch step and 0.83 ms for the compiled
+one (`benchmarks/results/h100_2026-12-07_session18.md`). On Hopper and later the kernels are launched with
+programmatic dependent launch (PDL below): a kernel starts while the previous one still runs, loads its first block
+of weights (which no kernel writes), and only then waits for the previous kernel's results.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NUM_WARPS = 4  # per program; 2 and 8 were slower
 BLOCK_K = 1024  # reduction channels per loop iteration: 128 -> 749, 256 -> 594, 512 -> 585, 1024 -> 575 us
 # programs sharing one row and head's keys in the attention kernel (flash-decoding); more than 1, with
-# DALLE_APP_ATTENTION_SPLITS, has not been timed on a GPU yet
+# DALLE_APP_ATTENTION_SPLITS, made a step 6-20x slower on an H100 (session 18)
 _splits = os.environ.get("DALLE_APP_ATTENTION_SPLITS", "1")
 if not _splits.isdigit() or int(_splits) < 1:
     raise ValueError(f"DALLE_APP_ATTENTION_SPLITS must be a whole number from 1 up, not {_splits!r}.")
