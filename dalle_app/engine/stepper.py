@@ -3,9 +3,10 @@
 `Stepper` feeds the image token of every row at a position and returns the next sampled token of each. On CUDA it
 captures the step once in a CUDA graph (the Triton step, `gpu_step`, where it applies; else the PyTorch step, or
 torch.compile's) and then replays it for every position; on the CPU it calls the C step (`cpu_step`) where it
-applies. A stepper owns its request's KV cache, and a captured one costs two warm-up steps and a capture (~15 ms
-on an H100), so `POOL` keeps the last few per model, and a request of the same batch and sampling settings takes
-one over: its prefill rewrites the cache it needs.
+applies. A stepper owns its request's KV cache, and on CUDA it captures the prefill too (once per number of given
+image tokens). Building one costs two warm-up steps, a capture and an eager prefill (~45 ms of a one-image request
+on an H100), so `POOL` keeps the last few per model, and a request of the same batch and sampling settings takes one
+over: its prefill rewrites the part of the cache that the request reads.
 """
 
 from __future__ import annotations
