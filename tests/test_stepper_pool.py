@@ -2,6 +2,7 @@
 the tokens are those of a fresh stepper, two requests never share one, and models and memory are let go."""
 
 import gc
+import weakref
 
 import torch
 
@@ -72,8 +73,6 @@ def test_steppers_are_kept_per_setting_up_to_the_limit_and_freed_with_their_mode
     generate_image_tokens(dalle, prompts(2), SamplingOptions(cond_scale=3.0), seeds=[0, 1])
     assert [s.cache.batch_size for s in idle(dalle)] == [2, 4]  # another batch size is another stepper
     del kept
-    import weakref
-
     cache_ref = weakref.ref(idle(dalle)[0].cache)
     del dalle
     gc.collect()

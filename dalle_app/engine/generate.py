@@ -139,7 +139,7 @@ def generate_image_tokens(dalle, text: torch.Tensor, options: SamplingOptions | 
     if stepper is not None and not stepper.fits(dalle):
         stepper = None
     if stepper is None:
-        stepper = Stepper(dalle, dalle.new_cache(batch_text.shape[0]), seed_t.clone(), options, guided,
+        stepper = Stepper(dalle, dalle.new_cache(batch_text.shape[0]), seed_t, options, guided,
                           use_graph=use_graph, compile=compile_step)
     stepper.start(seed_t)
     next_ids = stepper.prefill(batch_text, full_prime[:, :prefix])

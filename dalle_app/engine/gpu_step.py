@@ -76,8 +76,8 @@ def supports(dalle, cache) -> bool:
 
 
 def launch_settings() -> tuple:
-    """The module settings a captured step depends on (a stepper captured under others is not reused)."""
-    return ENABLED, NUM_WARPS, BLOCK_K, ATTENTION_SPLITS, PDL
+    """The module settings a captured step's kernels depend on (a stepper captured under others is not reused)."""
+    return NUM_WARPS, BLOCK_K, ATTENTION_SPLITS, PDL
 
 
 def disable(error: BaseException) -> None:

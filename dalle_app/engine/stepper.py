@@ -11,7 +11,6 @@ over: its prefill rewrites the part of the cache that the request reads.
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -239,7 +238,8 @@ POOL = StepperPool()
 
 def stepper_key(dalle, rows: int, options: SamplingOptions, use_graph: bool, compile: bool | str) -> tuple:
     """What a stepper was built for: rows, sampling settings (captured as constants), how it runs, the Triton
-    step's launch settings, and where the model's weights are (a model moved or cast gets new steppers)."""
+    step's launch settings, and where the model's weights are (a model moved or cast gets new steppers). Which step
+    it runs (C, Triton or PyTorch) is not part of it: `Stepper.fits` checks that."""
     where = tuple(t.data_ptr() for t in (*dalle.parameters(), *dalle.buffers()))
     return (rows, options.cond_scale, options.temperature, options.top_k, options.filter_thres, options.top_p,
-            use_graph, compile, gpu_step.launch_settings(), os.environ.get(cpu_step.ENV_SWITCH), hash(where))
+            use_graph, compile, gpu_step.launch_settings(), hash(where))
