@@ -150,9 +150,10 @@ def sweep(dalle, image_counts, options, replays) -> None:
 
 def phases(dalle, text, options, repeats: int = 3) -> None:
     """Where one request's time goes: the cache allocation, building the stepper (for a CUDA graph: two warm-up
-    steps and the capture), the prefill (run, then captured for the next request), and the rest (the token loop), each ended by a device synchronisation, so
-    the parts add up to slightly more than a request. Medians of `repeats` after a warm-up, for a request that
-    builds its stepper (the pool emptied first) and one that takes the last request's from the pool."""
+    steps and the capture), the prefill (run, then captured for the next request), and the rest (the token loop),
+    each ended by a device synchronisation, so the parts add up to slightly more than a request. Medians of
+    `repeats` after a warm-up, for a request that builds its stepper (the pool emptied first) and one that takes the
+    last request's from the pool."""
     from dalle_app.engine import generate_image_tokens, stepper
 
     parts: dict[str, float] = {}
